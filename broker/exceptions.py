@@ -5,7 +5,7 @@
     BrokerError
     ├── ConfigError ................ the operator's configuration or secret files (exit 2)
     ├── UpstreamError .............. the token endpoint did not give us a token
-    │   ├── CredentialsRejected .... 401 (and Colt's 400-001): wrong, missing or revoked secret
+    │   ├── CredentialsRejected .... 401: wrong, missing or revoked client id or secret
     │   ├── RequestRejected ........ 400/415: the request was refused as malformed (config or bug)
     │   ├── Throttled .............. 429: wait before asking again
     │   └── UpstreamUnavailable .... 5xx, timeouts, resets, TLS, garbage bodies: transient
