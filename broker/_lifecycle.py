@@ -96,6 +96,7 @@ class Lifecycle:
     last_error_at: float | None = None
     need: float = 0.0  # the largest min_valid a waiting consumer asked for
     forced: bool = False
+    replacing: bool = False
     last_forced_at: float = float("-inf")
 
     # -- questions ---------------------------------------------------------------------------
@@ -133,6 +134,7 @@ class Lifecycle:
 
     def fetch_started(self, now: float) -> None:
         self.in_flight = True
+        self.replacing = self.forced  # this fetch replaces a token a consumer saw rejected
         self.forced = False
 
     def fetch_succeeded(self, token: Token, now: float, u: float) -> UpstreamError | None:
@@ -204,7 +206,13 @@ class Lifecycle:
                 UpstreamDetail(),
             )
         held = self.token
-        if held is not None and token.expires_at <= held.expires_at + 1.0:
+        if held is None:
+            return None
+        if token.access_token == held.access_token:
+            return NoProgress("upstream returned the token we already hold")
+        # A second's slack absorbs jitter in the arrival time; short test tokens get less.
+        slack = min(1.0, 0.05 * token.lifetime)
+        if not self.replacing and token.expires_at <= held.expires_at + slack:
             return NoProgress("upstream returned a token that expires no later than the one held")
         return None
 

@@ -1,0 +1,212 @@
+"""The engine against the Colt emulator over real loopback HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from broker._engine import Engine
+from broker._persist import TokenStore
+from broker._profile import ProfileConfig, Secret
+from broker._token import Token
+from broker.emulator import Emulator, Fault
+from broker.exceptions import TokenUnavailable
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "made-up-secret-for-tests"
+CLIENTS = {"cid-a": SECRET, "cid-b": SECRET, "cid-c": SECRET}
+
+
+def profile(
+    emulator: Emulator, name: str = "default", client_id: str = "cid-a", **overrides: object
+) -> ProfileConfig:
+    """A profile pointing at the emulator, with settings scaled for short test lifetimes."""
+    base = ProfileConfig(
+        name=name,
+        client_id=client_id,
+        secret=Secret(SECRET, "test"),
+        token_url=emulator.token_url,
+        account="acct",
+        min_valid=0.5,
+        refresh_ahead=0.3,
+        refresh_jitter=0.05,
+        upstream_timeout=2.0,
+        max_requests_per_minute=1000,
+        max_requests_per_day=10_000,
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]  # test helper: field overrides
+
+
+@asynccontextmanager
+async def running(
+    emulator: Emulator,
+    profiles: list[ProfileConfig],
+    store: TokenStore | None = None,
+    rng: Callable[[], float] = lambda: 0.0,
+) -> AsyncIterator[Engine]:
+    """The emulator and an engine over it, both torn down at the end."""
+    async with anyio.create_task_group() as tg, httpx.AsyncClient() as http:
+        engine = Engine({p.name: p for p in profiles}, http=http, store=store, rng=rng)
+        await tg.start(engine.run)
+        yield engine
+        tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def emulated(**kwargs: object) -> AsyncIterator[Emulator]:
+    emulator = Emulator(CLIENTS, **kwargs)  # type: ignore[arg-type]  # forwarded keywords
+    async with anyio.create_task_group() as tg:
+        await tg.start(emulator.run)
+        yield emulator
+        tg.cancel_scope.cancel()
+
+
+async def test_200_concurrent_waiters_cause_one_upstream_request() -> None:
+    """A cold start with 200 consumers asking at once makes exactly one token request."""
+    async with emulated() as emu, running(emu, [profile(emu)]) as engine:
+        tokens: list[Token] = []
+
+        async def consumer() -> None:
+            tokens.append(await engine.get("default", min_valid=None, timeout=5))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(200):
+                    tg.start_soon(consumer)
+        assert len(tokens) == 200
+        assert len({t.access_token for t in tokens}) == 1
+        assert emu.count() == 1
+
+
+async def test_rollover_across_short_lifetimes_never_hands_out_expired() -> None:
+    """Over several 1.5 s lifetimes, tokens roll over ahead of expiry and none is served late."""
+    async with emulated(token_lifetime=1.5) as emu, running(emu, [profile(emu)]) as engine:
+        seen: set[str] = set()
+        with anyio.fail_after(15):
+            while len(seen) < 4:
+                token = await engine.get("default", min_valid=None, timeout=5)
+                now = anyio.current_time()
+                assert token.remaining(now) >= 0.5, "served with less than min_valid left"
+                emu.verify(token.access_token)  # the emulator agrees it is unexpired
+                seen.add(token.access_token)
+                await anyio.sleep(0.05)  # a consumer's pace, not a readiness wait
+        assert emu.count() <= len(seen) + 1  # one request per lifetime (one may be in flight)
+
+
+async def test_a_503_storm_is_served_from_the_cached_token_with_bounded_attempts() -> None:
+    """Upstream failing after the first token: the token keeps being served; retries back off."""
+    async with emulated(token_lifetime=4.0) as emu, running(emu, [profile(emu)]) as engine:
+        first = await engine.get("default", min_valid=None, timeout=5)
+        emu.inject(Fault(status=503, body=b'{"code":"001"}', times=1000))
+        with anyio.fail_after(10):
+            while anyio.current_time() < first.expires_at - 0.6:
+                token = engine.current("default", anyio.current_time())
+                assert token is not None and token.access_token == first.access_token
+                await anyio.sleep(0.1)
+        status = engine.status()[0]
+        assert status.last_error is not None and status.last_error.kind == "upstream_unavailable"
+        # Refresh starts at ~1.4 s left; with 1, 2, 4 s backoff at most a handful of attempts.
+        assert 2 <= emu.count() <= 5
+
+
+async def test_a_429_is_honoured_for_every_profile_of_the_account() -> None:
+    """After a 429 with Retry-After, no profile of that account asks until it has passed."""
+    async with emulated() as emu:
+        a, b = profile(emu, "a", "cid-a"), profile(emu, "b", "cid-b")
+        async with running(emu, [a, b]) as engine:
+            token_a = await engine.get("a", min_valid=None, timeout=5)
+            token_b = await engine.get("b", min_valid=None, timeout=5)
+            assert emu.count() == 2
+            emu.inject(Fault(status=429, headers={"Retry-After": "30"}, body=b"{}"))
+            served = await engine.report_rejected("a", token_a.sha256, timeout=5)
+            assert served.access_token == token_a.access_token  # nothing better to give
+            assert emu.count() == 3
+            # Profile b now wants a token it cannot have without asking upstream: it must wait.
+            again = await engine.report_rejected("b", token_b.sha256, timeout=0.5)
+            assert again.access_token == token_b.access_token
+            with pytest.raises(TokenUnavailable) as caught:
+                await engine.get("b", min_valid=1799.9, timeout=1)
+            assert emu.count() == 3, "profile b asked although its account is throttled"
+            assert caught.value.retry_after is not None and caught.value.retry_after > 25
+            status_b = next(s for s in engine.status() if s.profile == "b")
+            assert status_b.next_refresh_in is not None and status_b.next_refresh_in > 25
+
+
+async def test_rejected_credentials_do_not_loop() -> None:
+    """A wrong secret gives one request, a clear error for waiters, and no retry for minutes."""
+    async with emulated() as emu:
+        bad = profile(emu, secret=Secret("wrong-secret-made-up", "test"))
+        async with running(emu, [bad]) as engine:
+            with capture_logs() as logs, pytest.raises(TokenUnavailable) as caught:
+                await engine.get("default", min_valid=None, timeout=5)
+            for _ in range(20):
+                with pytest.raises(TokenUnavailable):
+                    await engine.get("default", min_valid=None, timeout=0.05)
+            await anyio.wait_all_tasks_blocked()
+        assert emu.count() == 1
+        assert "credentials_rejected" in str(caught.value.cause.kind if caught.value.cause else "")
+        assert caught.value.retry_after is not None and caught.value.retry_after > 140
+        failed = [e for e in logs if e["event"] == "upstream.failed"]
+        assert failed and failed[0]["tracking_id"] and failed[0]["status"] == 401
+        assert all(SECRET not in str(e) for e in logs)
+
+
+async def test_a_restart_reuses_the_persisted_token_without_a_request(tmp_path: Path) -> None:
+    """The token persists; a second engine (a restart) serves it and asks upstream nothing."""
+    store = TokenStore(tmp_path / "state")
+    async with emulated() as emu:
+        p = profile(emu)
+        async with running(emu, [p], store) as engine:
+            first = await engine.get("default", min_valid=None, timeout=5)
+        assert emu.count() == 1
+        async with running(emu, [p], TokenStore(tmp_path / "state")) as engine:
+            again = await engine.get("default", min_valid=None, timeout=5)
+        assert again.access_token == first.access_token
+        assert emu.count() == 1
+
+
+async def test_a_report_of_the_current_token_refreshes_once() -> None:
+    """Twenty concurrent reports of the served token cause one new request and a new token."""
+    async with emulated() as emu, running(emu, [profile(emu)]) as engine:
+        first = await engine.get("default", min_valid=None, timeout=5)
+        answers: list[Token] = []
+
+        async def report() -> None:
+            answers.append(await engine.report_rejected("default", first.sha256, timeout=5))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(report)
+        assert emu.count() == 2
+        assert {a.access_token for a in answers} != {first.access_token}
+        assert len({a.access_token for a in answers}) == 1
+
+
+async def test_a_min_valid_beyond_the_token_lifetime_fails_clearly() -> None:
+    """Asking for more than upstream's tokens ever live is refused, not waited on."""
+    async with emulated(token_lifetime=60) as emu, running(emu, [profile(emu)]) as engine:
+        await engine.get("default", min_valid=None, timeout=5)
+        with pytest.raises(TokenUnavailable, match="less than the 120 s asked for"):
+            await engine.get("default", min_valid=120, timeout=5)
+        assert emu.count() == 1
+
+
+async def test_a_larger_min_valid_waits_for_a_refresh() -> None:
+    """A consumer needing more than the current token has left gets the next one."""
+    async with emulated(token_lifetime=3.0) as emu, running(emu, [profile(emu)]) as engine:
+        first = await engine.get("default", min_valid=None, timeout=5)
+        with anyio.fail_after(5):
+            while first.remaining(anyio.current_time()) > 2.5:
+                await anyio.sleep(0.05)
+        second = await engine.get("default", min_valid=2.8, timeout=5)
+        assert second.access_token != first.access_token
+        assert emu.count() == 2
