@@ -10,7 +10,7 @@ wait for the next outcome, so any number of them cause one upstream request.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,6 +69,9 @@ class _Profile:
         )
     )
     last_refresh_wall: float | None = None
+    scope: anyio.CancelScope | None = None  # the profile's task, cancelled when it is removed
+    alive_at: float = float("-inf")  # when its task last decided something (for the watchdog)
+    fetch_started_at: float = float("-inf")
 
     def poke(self) -> None:
         """Wake the profile's task so it decides again."""
@@ -101,17 +104,19 @@ class Engine:
         clock: Clock = SYSTEM_CLOCK,
         rng: Callable[[], float] = random.random,
         observer: Observer | None = None,
+        heartbeat: Callable[[], None] | None = None,
+        heartbeat_interval: float = 10.0,
     ) -> None:
         self._http = http
         self._store = store
         self._clock = clock
         self._rng = rng
         self._observer: Observer = observer or _NullObserver()
-        gates = _gates_for(profiles.values())
-        self._profiles = {
-            name: _Profile(cfg, Lifecycle(policy_for(cfg)), gates[cfg.account])
-            for name, cfg in profiles.items()
-        }
+        self._heartbeat = heartbeat
+        self._tick = heartbeat_interval if heartbeat is not None else float("inf")
+        self._gates: dict[str, AccountGate] = {}
+        self._profiles = self._arrange(profiles, {})
+        self._tg: anyio.abc.TaskGroup | None = None
 
     # -- TokenSource -------------------------------------------------------------------------
 
@@ -154,17 +159,88 @@ class Engine:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Restore persisted tokens, then drive every profile until cancelled."""
-        await self._restore()
+        await self._restore(self._profiles.values())
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             for p in self._profiles.values():
-                tg.start_soon(self._drive, p, name=f"profile {p.config.name}")
+                self._start(p)
+            if self._heartbeat is not None:
+                tg.start_soon(self._watchdog, name="watchdog")
             task_status.started()
 
-    async def _restore(self) -> None:
+    async def update(self, profiles: Mapping[str, ProfileConfig]) -> None:
+        """Apply a reloaded configuration: unchanged profiles keep their token and task,
+        changed or new ones start afresh (from disk when possible), removed ones stop."""
+        old = self._profiles
+        new = self._arrange(profiles, old)
+        fresh = [(name, p) for name, p in new.items() if old.get(name) is not p]
+        for name, p in fresh:
+            _carry_token(old.get(name), p, self._clock.monotonic(), self._rng())
+        await self._restore(p for _, p in fresh if p.machine.token is None)
+        for name, p in old.items():
+            if new.get(name) is not p and p.scope is not None:
+                p.scope.cancel()
+        self._profiles = new
+        for _, p in fresh:
+            self._start(p)
+        log.info(
+            "engine.updated",
+            profiles=list(new),
+            started=[n for n, _ in fresh],
+            stopped=[n for n in old if n not in new],
+        )
+
+    def _arrange(
+        self, profiles: Mapping[str, ProfileConfig], old: Mapping[str, _Profile]
+    ) -> dict[str, _Profile]:
+        """Profiles for ``profiles``, reusing the unchanged ones of ``old`` and the gates."""
+        self._gates = _gates_for(profiles.values(), self._gates)
+        arranged = {}
+        for name, cfg in profiles.items():
+            kept = old.get(name)
+            if kept is not None and kept.config == cfg:
+                arranged[name] = kept
+            else:
+                arranged[name] = _Profile(cfg, Lifecycle(policy_for(cfg)), self._gates[cfg.account])
+        return arranged
+
+    def _start(self, p: _Profile) -> None:
+        if self._tg is None:
+            return  # run() starts every profile
+        p.scope = anyio.CancelScope()
+        self._tg.start_soon(self._drive_within, p, name=f"profile {p.config.name}")
+
+    async def _drive_within(self, p: _Profile) -> None:
+        assert p.scope is not None  # set by _start
+        with p.scope:
+            await self._drive(p)
+
+    async def _watchdog(self) -> None:
+        """Ping systemd only while every profile's task keeps deciding (a stuck one stops it)."""
+        assert self._heartbeat is not None  # run() starts this only with one
+        while True:
+            now = self._clock.monotonic()
+            if all(self._responsive(p, now) for p in self._profiles.values()):
+                self._heartbeat()
+            else:
+                log.error(
+                    "engine.stuck",
+                    profiles=[n for n, p in self._profiles.items() if not self._responsive(p, now)],
+                )
+            for p in self._profiles.values():
+                p.poke()
+            await anyio.sleep(self._tick)
+
+    def _responsive(self, p: _Profile, now: float) -> bool:
+        if p.machine.in_flight:  # a fetch is bounded by its timeout
+            return now - p.fetch_started_at < p.config.upstream_timeout + self._tick * 2
+        return now - p.alive_at < self._tick * 2.5
+
+    async def _restore(self, profiles: Iterable[_Profile]) -> None:
         store = self._store
         if store is None:
             return
-        for p in self._profiles.values():
+        for p in profiles:
             token = await anyio.to_thread.run_sync(store.load, p.config)
             if token is not None:
                 p.machine.adopt(token, self._clock.monotonic(), self._rng())
@@ -178,16 +254,18 @@ class Engine:
     async def _drive(self, p: _Profile) -> None:
         while True:
             now = self._clock.monotonic()
+            p.alive_at = now
             action = decide(p.machine, p.gate, now)
             if isinstance(action, Fetch):
                 p.gate.record(now)
                 p.machine.fetch_started(now)
+                p.fetch_started_at = now
                 await self._refresh(p)
                 continue
             await self._sleep(p, action.until - now)
 
     async def _sleep(self, p: _Profile, seconds: float) -> None:
-        with anyio.move_on_after(max(seconds, 0.0)):
+        with anyio.move_on_after(min(max(seconds, 0.0), self._tick)):
             await p.wake.wait()
         if p.wake.is_set():
             p.wake = anyio.Event()
@@ -321,21 +399,34 @@ def _unavailable(p: _Profile, now: float, next_try: float) -> TokenUnavailable:
     )
 
 
-def _gates_for(profiles: object) -> dict[str, AccountGate]:
-    """One gate per account; its caps are the strictest any of its profiles asks for."""
+def _gates_for(
+    profiles: Iterable[ProfileConfig], existing: Mapping[str, AccountGate]
+) -> dict[str, AccountGate]:
+    """One gate per account, kept across reloads (its 429 and history stay); its caps are the
+    strictest any of its profiles asks for."""
     gates: dict[str, AccountGate] = {}
-    for cfg in profiles:  # type: ignore[attr-defined]  # an iterable of ProfileConfig
+    for cfg in profiles:
         gate = gates.get(cfg.account)
         if gate is None:
-            gates[cfg.account] = AccountGate(
-                cfg.account,
-                per_minute=cfg.max_requests_per_minute,
-                per_day=cfg.max_requests_per_day,
-            )
+            gate = existing.get(cfg.account) or AccountGate(cfg.account, per_minute=1, per_day=1)
+            gate.per_minute, gate.per_day = cfg.max_requests_per_minute, cfg.max_requests_per_day
+            gates[cfg.account] = gate
         else:
             gate.per_minute = min(gate.per_minute, cfg.max_requests_per_minute)
             gate.per_day = min(gate.per_day, cfg.max_requests_per_day)
     return gates
+
+
+def _carry_token(old: _Profile | None, new: _Profile, now: float, u: float) -> None:
+    """A changed profile with the same credentials and endpoint keeps its valid token."""
+    if old is None or old.machine.token is None:
+        return
+    same = (old.config.client_id, old.config.token_url) == (
+        new.config.client_id,
+        new.config.token_url,
+    )
+    if same and old.machine.token.remaining(now) > 0:
+        new.machine.adopt(old.machine.token, now, u)
 
 
 def _status_of(name: str, p: _Profile, now: float, wall: float) -> ProfileStatus:

@@ -20,7 +20,7 @@ def daemon_socket_path(environ: Mapping[str, str]) -> Path:
     if runtime:
         return Path(runtime) / SOCKET_NAME
     xdg = environ.get("XDG_RUNTIME_DIR")
-    if xdg:
+    if xdg and Path(xdg).is_absolute():  # the XDG spec: ignore a relative path
         return Path(xdg) / "colt-broker" / SOCKET_NAME
     return Path(f"/tmp/colt-broker-{os.getuid()}") / SOCKET_NAME  # noqa: S108  # per-uid dir, created 0750 and owner-checked
 

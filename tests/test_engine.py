@@ -210,3 +210,51 @@ async def test_a_larger_min_valid_waits_for_a_refresh() -> None:
         second = await engine.get("default", min_valid=2.8, timeout=5)
         assert second.access_token != first.access_token
         assert emu.count() == 2
+
+
+async def test_update_keeps_unchanged_profiles_and_starts_new_ones() -> None:
+    """A reload keeps tokens of unchanged profiles (and of changed ones with the same
+    credentials), fetches for new profiles, and stops removed ones."""
+    async with emulated() as emu:
+        a, b = profile(emu, "a", "cid-a"), profile(emu, "b", "cid-b")
+        async with running(emu, [a, b]) as engine:
+            token_a = await engine.get("a", min_valid=None, timeout=5)
+            token_b = await engine.get("b", min_valid=None, timeout=5)
+            c = profile(emu, "c", "cid-c")
+            await engine.update({"a": a, "b": replace(b, min_valid=0.6), "c": c})
+            assert (await engine.get("a", min_valid=None, timeout=5)) is token_a
+            assert (await engine.get("b", min_valid=None, timeout=5)) is token_b
+            await engine.get("c", min_valid=None, timeout=5)
+            assert emu.count() == 3
+            await engine.update({"c": c})
+            assert engine.profiles == ["c"]
+            with pytest.raises(KeyError):
+                engine.current("a", anyio.current_time())
+
+
+async def test_the_watchdog_pings_only_while_every_profile_task_is_alive() -> None:
+    """Heartbeats flow while the profile tasks decide; a dead task stops them."""
+    beats: list[float] = []
+    ticked = anyio.Event()
+
+    def heartbeat() -> None:
+        beats.append(anyio.current_time())
+        if len(beats) >= 3:
+            ticked.set()
+
+    async with emulated() as emu, anyio.create_task_group() as tg, httpx.AsyncClient() as http:
+        engine = Engine({"default": profile(emu)}, http=http, heartbeat=heartbeat,
+                        heartbeat_interval=0.05)
+        await tg.start(engine.run)
+        with anyio.fail_after(5):
+            await ticked.wait()
+        scope = engine._profiles["default"].scope  # the profile's task, as if it had died
+        assert scope is not None
+        with capture_logs() as logs:
+            scope.cancel()
+            count = len(beats)
+            with anyio.fail_after(5):
+                while not any(e["event"] == "engine.stuck" for e in logs):
+                    await anyio.sleep(0.05)
+        assert len(beats) <= count + 2  # one may already have been on its way
+        tg.cancel_scope.cancel()

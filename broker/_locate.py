@@ -1,0 +1,85 @@
+"""Find the running daemon and exchange one request with it (standard library only).
+
+Order: ``$COLT_BROKER_SOCKET`` (alone, when set), else the user's own daemon's socket, then
+the system service's; then loopback TCP (``$COLT_BROKER_URL`` or http://127.0.0.1:8787) with
+the key read from ``http-key`` beside a socket. The error names every place tried.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from broker import _paths
+from broker._wire import Endpoint, Response, WireError, request
+from broker.exceptions import BrokerUnavailable
+
+START_HINT = (
+    "start it with `colt-broker serve` (or `systemctl start colt-broker`), or point "
+    "COLT_BROKER_SOCKET / COLT_BROKER_URL at a running one"
+)
+
+
+def call(
+    method: str,
+    target: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Response:
+    """One request to the first daemon that answers. Raises BrokerUnavailable."""
+    env = os.environ if environ is None else environ
+    tried: list[str] = []
+    for endpoint, extra in _endpoints(env):
+        try:
+            return request(
+                endpoint,
+                method,
+                target,
+                headers={**(headers or {}), **extra},
+                body=body,
+                timeout=timeout,
+            )
+        except (OSError, WireError) as exc:
+            tried.append(f"{endpoint.describe()} ({_why(exc)})")
+    raise BrokerUnavailable(
+        "colt-broker daemon not reachable; tried " + "; ".join(tried) + ". " + START_HINT
+    )
+
+
+def _endpoints(env: Mapping[str, str]) -> list[tuple[Endpoint, dict[str, str]]]:
+    found: list[tuple[Endpoint, dict[str, str]]] = [
+        (Endpoint(unix=path), {}) for path in _paths.client_socket_candidates(env)
+    ]
+    try:
+        tcp = Endpoint.from_url(_paths.client_url(env))
+    except WireError:
+        return found
+    return [*found, (tcp, {"X-Colt-Broker": read_key(env) or "none"})]
+
+
+def read_key(env: Mapping[str, str]) -> str | None:
+    """The TCP key from the first readable ``http-key`` file, if any."""
+    for path in _paths.key_file_candidates(env):
+        try:
+            key = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if key:
+            return key
+    return None
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such socket"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, PermissionError):
+        return "permission denied: ask to join the socket's group"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

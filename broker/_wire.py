@@ -1,0 +1,122 @@
+"""A minimal blocking HTTP/1.1 exchange with the local daemon, on the standard library alone.
+
+``colt-broker token`` runs inside ``$(...)`` in shell loops, so it cannot afford the import
+time of http.client's email parser or of httpx. The daemon is ours and answers
+``Connection: close`` requests with a Content-Length, so a request is one write and the
+response one read to EOF; anything else is reported as a protocol error, not guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+MAX_RESPONSE = 1 << 20
+
+
+class WireError(OSError):
+    """The daemon could not be reached, or answered something that is not HTTP."""
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
+    body: bytes = b""
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A Unix socket path, or a loopback (host, port) and the Host header to send."""
+
+    unix: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8787
+
+    @classmethod
+    def from_url(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise WireError(f"COLT_BROKER_URL must be http://HOST:PORT, not {url!r}")
+        return cls(host=parts.hostname, port=parts.port or 80)
+
+    def describe(self) -> str:
+        return f"unix socket {self.unix}" if self.unix else f"http://{self._netloc()}"
+
+    def _netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def connect(self, timeout: float) -> socket.socket:
+        if self.unix is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(self.unix))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+
+def request(
+    endpoint: Endpoint,
+    method: str,
+    target: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    timeout: float = 30.0,
+) -> Response:
+    """Send one request and read the whole response. Raises WireError or OSError."""
+    head = _head(endpoint, method, target, headers or {}, body)
+    with endpoint.connect(timeout) as sock:
+        sock.sendall(head + body)
+        raw = _read_all(sock)
+    return parse_response(raw)
+
+
+def _head(
+    endpoint: Endpoint, method: str, target: str, headers: dict[str, str], body: bytes
+) -> bytes:
+    host = "localhost" if endpoint.unix else endpoint._netloc()
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Connection: close"]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_RESPONSE:
+            raise WireError("response larger than 1 MiB")
+    return b"".join(chunks)
+
+
+def parse_response(raw: bytes) -> Response:
+    """Split a complete ``Connection: close`` response into status, headers and body."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status_line = lines[0].split(" ", 2)
+    if not sep or len(status_line) < 2 or not status_line[0].startswith("HTTP/"):
+        raise WireError("the daemon's answer is not an HTTP response")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = headers.get("content-length")
+    if length is not None and length.isdigit():
+        body = body[: int(length)]
+    return Response(int(status_line[1]), headers, body)
