@@ -1,0 +1,148 @@
+"""Who may ask: loopback Host names, the ``X-Colt-Broker`` key, Unix peer credentials.
+
+TCP: any local user can reach loopback, and a web page can make a browser send requests to
+it. The Host check defeats DNS rebinding (the page's own name arrives as Host); the required
+``X-Colt-Broker`` header defeats plain cross-site and server-side-forgery requests, which
+cannot add custom headers; with ``http_auth = "key"`` its value must also be the key that only
+the socket's group can read. ``/healthz`` needs the Host check but not the key, so liveness
+probes work without reading a secret; it tells nothing but "ok".
+
+Unix socket: the file mode decides who connects; SO_PEERCRED tells who did, for the log,
+the metrics and per-profile ``allowed_uids`` / ``allowed_gids`` (either match admits; the
+gid is the peer's primary group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import socket
+import struct
+from dataclasses import dataclass
+
+from broker._clock import Clock
+from broker._http import _problem
+from broker._http._problem import Problem
+from broker._profile import ProfileConfig
+
+_LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"::1"})
+_MAX_PORT_DIGITS = 5
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCred:
+    """The process at the other end of a Unix socket, as the kernel saw it at connect()."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    def describe(self) -> str:
+        return f"uid {self.uid} (gid {self.gid}, pid {self.pid})"
+
+
+def read_peercred(transport: asyncio.BaseTransport) -> PeerCred | None:
+    """SO_PEERCRED of a Unix connection; None where the platform has no such option."""
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, option, _PEERCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return PeerCred(pid, uid, gid)
+
+
+def split_host(host: bytes) -> bytes | None:
+    """The name part of a Host header value, or None when the port part is malformed."""
+    if host.startswith(b"["):
+        end = host.find(b"]")
+        name, rest = (host[1:end], host[end + 1 :]) if end > 0 else (b"", b"")
+    else:
+        name, sep, port = host.partition(b":")
+        rest = sep + port
+    if rest and not (rest[:1] == b":" and rest[1:].isdigit() and len(rest) <= _MAX_PORT_DIGITS + 1):
+        return None
+    return name
+
+
+def is_loopback_host(host: bytes) -> bool:
+    """Whether a Host header names this machine: localhost, *.localhost, 127.0.0.1, [::1]."""
+    name = split_host(host)
+    if not name:
+        return False
+    name = name.lower().rstrip(b".")
+    return name in _LOOPBACK_NAMES or name.endswith(b".localhost")
+
+
+class TcpGate:
+    """The Host and key checks every TCP request passes; the key is compared in constant time."""
+
+    def __init__(self, auth: str, key: str) -> None:
+        self._auth = auth
+        self._key = key.encode()
+        self.key_dir = "<the broker's socket directory>"  # for messages; see HttpService
+        self._good_hosts: dict[bytes, bool] = {}  # a connection repeats its Host: remember
+
+    def check(self, host: bytes | None, key: bytes | None, path: bytes) -> Problem | None:
+        """None when the request may proceed, else the refusal."""
+        if host is None:
+            return _problem.missing_host()
+        if not self._host_ok(host):
+            return _problem.host_not_loopback(host.decode("latin-1"))
+        if path == b"/healthz":
+            return None
+        if not key:
+            return _problem.missing_key(self._auth, self.key_dir)
+        if self._auth == "key" and not hmac.compare_digest(key, self._key):
+            return _problem.wrong_key(self.key_dir)
+        return None
+
+    def _host_ok(self, host: bytes) -> bool:
+        ok = self._good_hosts.get(host)
+        if ok is None:
+            ok = is_loopback_host(host)
+            if len(self._good_hosts) < 64:  # bounded: only ever a handful of honest names
+                self._good_hosts[host] = ok
+        return ok
+
+
+def peer_allowed(config: ProfileConfig, peer: PeerCred | None) -> bool:
+    """Whether ``peer`` may take this profile's token (always, unless the profile restricts)."""
+    uids, gids = config.allowed_uids, config.allowed_gids
+    if uids is None and gids is None:
+        return True
+    if peer is None:
+        return False
+    return (uids is not None and peer.uid in uids) or (gids is not None and peer.gid in gids)
+
+
+class RateLimitedLog:
+    """At most ``burst`` log lines per ``window`` seconds; the next line says how many were
+    dropped. A flood of refused requests must not flood the journal."""
+
+    def __init__(self, clock: Clock, *, burst: int = 20, window: float = 60.0) -> None:
+        self._clock = clock
+        self._burst = burst
+        self._window = window
+        self._window_start = -window
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        """True if a line may be written now (then read and reset ``suppressed``)."""
+        now = self._clock.monotonic()
+        if now - self._window_start >= self._window:
+            self._window_start, self._count = now, 0
+        if self._count >= self._burst:
+            self.suppressed += 1
+            return False
+        self._count += 1
+        return True
+
+    def take_suppressed(self) -> int:
+        dropped, self.suppressed = self.suppressed, 0
+        return dropped
