@@ -145,7 +145,7 @@ class Engine:
         if p.machine.report_rejected(sha256, now):
             p.poke()
             log.info("token.reported_rejected", profile=profile, token=sha256[:12])
-        if p.machine.in_flight or p.machine.forced:
+        if self._next_try(p, now) <= now + timeout:
             await self._next_outcome(p, timeout)
         return await self.get(profile, min_valid=None, timeout=timeout)
 
@@ -362,6 +362,14 @@ class Engine:
             p.poke()
             await self._next_outcome(p, deadline - now)
 
+    @staticmethod
+    def _next_try(p: _Profile, now: float) -> float:
+        """When the next fetch outcome can come: now if one is in flight (NEVER if none is
+        wanted)."""
+        if p.machine.in_flight:
+            return now
+        return max(p.machine.next_fetch_at(now), p.gate.earliest(now))
+
     async def _next_outcome(self, p: _Profile, timeout: float) -> None:
         """Wait for the next fetch attempt to end, at most ``timeout`` seconds."""
         event = p.outcome
@@ -381,8 +389,7 @@ class Engine:
                 f"less than the {floor:.0f} s asked for",
                 profile=name,
             )
-        # With a fetch in flight, its outcome is what we wait for.
-        next_try = now if m.in_flight else max(m.next_fetch_at(now), p.gate.earliest(now))
+        next_try = self._next_try(p, now)
         if now >= deadline or next_try > deadline:
             raise _unavailable(p, now, next_try)
 
