@@ -132,9 +132,9 @@ async def test_a_429_is_honoured_for_every_profile_of_the_account() -> None:
             # Profile b now wants a token it cannot have without asking upstream: it must wait.
             again = await engine.report_rejected("b", token_b.sha256, timeout=0.5)
             assert again.access_token == token_b.access_token
-            await anyio.sleep(0.2)  # so that b's token has less than 1799.7 s left
+            await anyio.sleep(0.2)  # so that b's token has less than 1799.8 s left
             with pytest.raises(TokenUnavailable) as caught:
-                await engine.get("b", min_valid=1799.7, timeout=1)
+                await engine.get("b", min_valid=1799.95, timeout=1)
             assert emu.count() == 3, "profile b asked although its account is throttled"
             assert caught.value.retry_after is not None and caught.value.retry_after > 25
             status_b = next(s for s in engine.status() if s.profile == "b")
