@@ -7,10 +7,12 @@ unavailable. ``token`` and ``status`` import only the standard library: they run
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+
+TYPE_CHECKING = False  # not typing's: importing typing would cost `token` ~3 ms of start-up
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -18,6 +20,9 @@ EXIT_UNAVAILABLE = 69
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+    from pathlib import Path
+
     parser = argparse.ArgumentParser(
         prog="colt-broker",
         description="Keeps one valid Colt API token per profile and serves it locally.",
@@ -49,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``colt-broker`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quick = _token_args(argv)
+    if quick is not None:
+        from broker._cli_client import token_command
+
+        return token_command(quick[0], quick[1], as_json=quick[2])
     args = build_parser().parse_args(argv)
     if args.command == "token":
         from broker._cli_client import token_command
@@ -65,6 +76,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     from broker._daemon import serve_command
 
     return serve_command(args.config, demo=args.demo)
+
+
+def _token_args(argv: list[str]) -> tuple[str | None, float | None, bool] | None:
+    """``token [PROFILE] [--min-valid S] [--json]`` without argparse, whose import alone costs
+    a quarter of the command's start-up; anything unusual (help, errors) goes to argparse."""
+    if not argv or argv[0] != "token":
+        return None
+    profile: str | None = None
+    min_valid: float | None = None
+    as_json = False
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg == "--json":
+            as_json = True
+        elif arg == "--min-valid" or arg.startswith("--min-valid="):
+            value = arg.partition("=")[2] or next(rest, "")
+            try:
+                min_valid = float(value)
+            except ValueError:
+                return None
+        elif arg.startswith("-") or profile is not None:
+            return None
+        else:
+            profile = arg
+    return profile, min_valid, as_json
 
 
 def run() -> None:

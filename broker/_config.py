@@ -83,7 +83,7 @@ def default_socket_path(environ: Mapping[str, str]) -> Path:
 
     One definition, in ``_paths``, shared with the clients that look for the daemon there.
     """
-    return daemon_socket_path(environ)
+    return Path(daemon_socket_path(environ))
 
 
 def default_state_dir(environ: Mapping[str, str]) -> Path:

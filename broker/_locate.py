@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 from broker import _paths
 from broker._wire import Endpoint, Response, WireError, request
@@ -65,7 +64,8 @@ def read_key(env: Mapping[str, str]) -> str | None:
     """The TCP key from the first readable ``http-key`` file, if any."""
     for path in _paths.key_file_candidates(env):
         try:
-            key = Path(path).read_text().strip()
+            with open(path) as file:
+                key = file.read().strip()
         except OSError:
             continue
         if key:

@@ -1,39 +1,42 @@
-"""Where the daemon listens and where clients look for it. Standard library only: the
-``colt-broker token`` path imports this and must start fast."""
+"""Where the daemon listens and where clients look for it.
+
+Standard library only, and strings rather than pathlib: ``colt-broker token`` imports this
+inside ``$(...)`` in shell loops, where every millisecond of start-up counts.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 SOCKET_NAME = "broker.sock"
-SYSTEM_RUNTIME_DIR = Path("/run/colt-broker")
+SYSTEM_RUNTIME_DIR = "/run/colt-broker"
 DEFAULT_URL = "http://127.0.0.1:8787"
 KEY_FILE = "http-key"
 CURL_HEADERS_FILE = "curl-headers"
 
 
-def daemon_socket_path(environ: Mapping[str, str]) -> Path:
+def daemon_socket_path(environ: Mapping[str, str]) -> str:
     """The daemon's default socket: systemd's RuntimeDirectory, else the user's runtime dir."""
     runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
-        return Path(runtime) / SOCKET_NAME
+        return os.path.join(runtime, SOCKET_NAME)
     xdg = environ.get("XDG_RUNTIME_DIR")
-    if xdg and Path(xdg).is_absolute():  # the XDG spec: ignore a relative path
-        return Path(xdg) / "colt-broker" / SOCKET_NAME
-    return Path(f"/tmp/colt-broker-{os.getuid()}") / SOCKET_NAME  # noqa: S108  # per-uid dir, created 0750 and owner-checked
+    if xdg and os.path.isabs(xdg):  # the XDG spec: ignore a relative path
+        return os.path.join(xdg, "colt-broker", SOCKET_NAME)
+    # A per-uid directory, created 0750 by the daemon.
+    return os.path.join(f"/tmp/colt-broker-{os.getuid()}", SOCKET_NAME)  # noqa: S108
 
 
-def client_socket_candidates(environ: Mapping[str, str]) -> list[Path]:
+def client_socket_candidates(environ: Mapping[str, str]) -> list[str]:
     """Sockets a client tries, in order: $COLT_BROKER_SOCKET alone if set, else the user's
     own daemon, then the system service's."""
     explicit = environ.get("COLT_BROKER_SOCKET")
     if explicit:
-        return [Path(explicit)]
-    found = [daemon_socket_path({k: v for k, v in environ.items() if k != "RUNTIME_DIRECTORY"})]
-    system = SYSTEM_RUNTIME_DIR / SOCKET_NAME
-    return found if system in found else [*found, system]
+        return [explicit]
+    own = daemon_socket_path({k: v for k, v in environ.items() if k != "RUNTIME_DIRECTORY"})
+    system = os.path.join(SYSTEM_RUNTIME_DIR, SOCKET_NAME)
+    return [own] if own == system else [own, system]
 
 
 def client_url(environ: Mapping[str, str]) -> str:
@@ -41,9 +44,9 @@ def client_url(environ: Mapping[str, str]) -> str:
     return environ.get("COLT_BROKER_URL", DEFAULT_URL).rstrip("/")
 
 
-def key_file_candidates(environ: Mapping[str, str]) -> list[Path]:
+def key_file_candidates(environ: Mapping[str, str]) -> list[str]:
     """Where the TCP key may be: $COLT_BROKER_KEY_FILE, else beside each candidate socket."""
     explicit = environ.get("COLT_BROKER_KEY_FILE")
     if explicit:
-        return [Path(explicit)]
-    return [sock.parent / KEY_FILE for sock in client_socket_candidates(environ)]
+        return [explicit]
+    return [os.path.join(os.path.dirname(s), KEY_FILE) for s in client_socket_candidates(environ)]

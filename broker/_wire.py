@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit
 
 MAX_RESPONSE = 1 << 20
 
@@ -21,30 +18,44 @@ class WireError(OSError):
     """The daemon could not be reached, or answered something that is not HTTP."""
 
 
-@dataclass(frozen=True)
+# Plain classes, not dataclasses: importing dataclasses (and inspect) costs more start-up
+# time than the whole exchange.
 class Response:
-    status: int
-    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
-    body: bytes = b""
+    """Status, lower-cased header names, and the body."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
 
     def json(self) -> object:
         return json.loads(self.body)
 
 
-@dataclass(frozen=True)
 class Endpoint:
     """A Unix socket path, or a loopback (host, port) and the Host header to send."""
 
-    unix: Path | None = None
-    host: str = "127.0.0.1"
-    port: int = 8787
+    __slots__ = ("host", "port", "unix")
+
+    def __init__(self, unix: str | None = None, host: str = "127.0.0.1", port: int = 8787) -> None:
+        self.unix = unix
+        self.host = host
+        self.port = port
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
+        """``http://HOST[:PORT]`` (IPv6 in brackets); anything else is refused."""
+        rest = url.removeprefix("http://")
+        netloc = rest.split("/", 1)[0]
+        host, _, port = netloc.rpartition(":") if not netloc.endswith("]") else (netloc, "", "")
+        if not host:
+            host, port = netloc, ""
+        host = host.strip("[]")
+        if rest == url or not host or (port and not port.isdigit()):
             raise WireError(f"COLT_BROKER_URL must be http://HOST:PORT, not {url!r}")
-        return cls(host=parts.hostname, port=parts.port or 80)
+        return cls(host=host, port=int(port) if port else 80)
 
     def describe(self) -> str:
         return f"unix socket {self.unix}" if self.unix else f"http://{self._netloc()}"
@@ -58,7 +69,7 @@ class Endpoint:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             try:
-                sock.connect(str(self.unix))
+                sock.connect(self.unix)
             except OSError:
                 sock.close()
                 raise

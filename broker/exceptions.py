@@ -15,12 +15,18 @@
 Each class knows whether retrying soon can help (``retryable``) and which HTTP status the
 broker answers a consumer with when this error is why it has no token (``http_status``).
 No error ever carries a secret or a whole token.
+
+Plain classes, no dataclasses: ``colt-broker token`` imports this module, and importing
+dataclasses (with inspect) would cost it more start-up time than its whole exchange.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+TYPE_CHECKING = False  # not typing's: see above
+if TYPE_CHECKING:
+    from typing import ClassVar
+
+_DETAIL_FIELDS = ("status", "code", "reason", "message", "tracking_id", "excerpt", "retry_after")
 
 
 class BrokerError(Exception):
@@ -36,38 +42,58 @@ class ConfigError(BrokerError):
     http_status = 500
 
 
-@dataclass(frozen=True)
 class UpstreamDetail:
     """What the token endpoint told us, minus anything secret.
 
     ``excerpt`` is a short, sanitised prefix of a body that was not a Colt error object.
     """
 
-    status: int | None = None
-    code: str | None = None
-    reason: str | None = None
-    message: str | None = None
-    tracking_id: str | None = None
-    excerpt: str | None = None
-    retry_after: float | None = None
+    __slots__ = _DETAIL_FIELDS
+
+    def __init__(
+        self,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+        tracking_id: str | None = None,
+        excerpt: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.tracking_id = tracking_id
+        self.excerpt = excerpt
+        self.retry_after = retry_after
 
     def as_dict(self) -> dict[str, object]:
         """The non-empty fields, for problem responses, status and logs."""
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        values = ((name, getattr(self, name)) for name in _DETAIL_FIELDS)
+        return {name: value for name, value in values if value is not None}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UpstreamDetail) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable value object, like a dataclass
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"UpstreamDetail({fields})"
 
 
-@dataclass
 class UpstreamError(BrokerError):
     """The token endpoint failed to hand out a token."""
-
-    summary: str
-    detail: UpstreamDetail = field(default_factory=UpstreamDetail)
 
     kind: ClassVar[str] = "upstream_error"
     http_status = 503
 
-    def __post_init__(self) -> None:
-        super().__init__(self.summary)
+    def __init__(self, summary: str, detail: UpstreamDetail | None = None) -> None:
+        super().__init__(summary)
+        self.summary = summary
+        self.detail = detail if detail is not None else UpstreamDetail()
 
     def __str__(self) -> str:
         d = self.detail

@@ -131,7 +131,7 @@ def test_system_socket_serves_the_default_addresses() -> None:
     sock_unit = _parse(SYSTEM[1])
     port = DEFAULT_URL.removeprefix("http://")
     assert _values(sock_unit, "Socket", "ListenStream") == [
-        str(SYSTEM_RUNTIME_DIR / SOCKET_NAME),
+        f"{SYSTEM_RUNTIME_DIR}/{SOCKET_NAME}",
         port,
     ]
     assert _value(sock_unit, "Socket", "SocketMode") == "0660"
@@ -151,7 +151,7 @@ def test_system_units_share_one_identity_and_directory() -> None:
     assert owner == [user, user]
     assert re.search(rf"^u {user} ", sysusers, flags=re.M)
     runtime = _value(service, "Service", "RuntimeDirectory")
-    assert f"/run/{runtime}" == str(SYSTEM_RUNTIME_DIR)
+    assert f"/run/{runtime}" == SYSTEM_RUNTIME_DIR
     assert re.search(rf"^d /run/{runtime} 0750 {user} {user} -$", tmpfiles, flags=re.M)
 
 
