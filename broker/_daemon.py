@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -198,26 +198,28 @@ def _register_secrets(config: Config, key: str) -> None:
 
 async def _serve(config: Config, demo: bool, reload: Callable[[], Config] | None) -> None:
     notifier = Notifier()
-    async with anyio.create_task_group() as tg:
-        if demo:
-            config = await _start_demo(tg, config)
-            reload = None  # the demo's configuration is made, not read
-        daemon = Daemon(config, notifier=notifier, inherited=listen_fds(), reload=reload)
-        await tg.start(daemon.run)
-        await _until_stopped(daemon)
-        notifier.stopping()
-        log.info("broker.stopping")
-        tg.cancel_scope.cancel()
-
-
-async def _until_stopped(daemon: Daemon) -> None:
+    # Signals are caught from before READY until every task has ended: a SIGHUP right after
+    # READY is a reload, not a death, and a second SIGTERM cannot cut a state write short.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                await daemon.reload()
-                continue
-            log.info("broker.signal", signal=signal.Signals(signum).name)
-            return
+        async with anyio.create_task_group() as tg:
+            if demo:
+                config = await _start_demo(tg, config)
+                reload = None  # the demo's configuration is made, not read
+            daemon = Daemon(config, notifier=notifier, inherited=listen_fds(), reload=reload)
+            await tg.start(daemon.run)
+            await _until_stopped(daemon, signals)
+            notifier.stopping()
+            log.info("broker.stopping")
+            tg.cancel_scope.cancel()
+
+
+async def _until_stopped(daemon: Daemon, signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        if signum == signal.SIGHUP:
+            await daemon.reload()
+            continue
+        log.info("broker.signal", signal=signal.Signals(signum).name)
+        return
 
 
 async def _start_demo(tg: anyio.abc.TaskGroup, config: Config) -> Config:

@@ -72,6 +72,7 @@ class _Profile:
     scope: anyio.CancelScope | None = None  # the profile's task, cancelled when it is removed
     alive_at: float = float("-inf")  # when its task last decided something (for the watchdog)
     fetch_started_at: float = float("-inf")
+    disk: anyio.Lock = field(default_factory=anyio.Lock)  # keeps its state writes in order
 
     def poke(self) -> None:
         """Wake the profile's task so it decides again."""
@@ -142,12 +143,14 @@ class Engine:
         p = self._profiles[profile]
         p.counters["reports"] += 1
         now = self._clock.monotonic()
+        deadline = now + timeout
         if p.machine.report_rejected(sha256, now):
             p.poke()
             log.info("token.reported_rejected", profile=profile, token=sha256[:12])
-        if self._next_try(p, now) <= now + timeout:
-            await self._next_outcome(p, timeout)
-        return await self.get(profile, min_valid=None, timeout=timeout)
+        while _replacing(p, sha256) and now < deadline and self._next_try(p, now) <= deadline:
+            await self._next_outcome(p, deadline - now)
+            now = self._clock.monotonic()
+        return await self.get(profile, min_valid=None, timeout=max(deadline - now, 0.0))
 
     def status(self) -> list[ProfileStatus]:
         now, wall = self._clock.monotonic(), self._clock.wall()
@@ -273,6 +276,7 @@ class Engine:
     async def _refresh(self, p: _Profile) -> None:
         p.counters["upstream_requests"] += 1
         started = self._clock.monotonic()
+        adopted: Token | None = None
         try:
             result = await fetch_token(self._http, p.config, clock=self._clock)
         except UpstreamError as error:
@@ -282,19 +286,30 @@ class Engine:
             self._on_failure(p, error)
         else:
             self._observer.observe_upstream(p.config.name, result.duration, 200)
-            await self._on_token(p, result)
+            adopted = self._on_token(p, result)
         finally:
             p.machine.in_flight = False  # also when cancelled mid-request
             if p.waiters:
                 self._observer.observe_coalesced(p.config.name, p.waiters)
             p.publish()
+        if adopted is not None and self._store is not None and self._tg is not None:
+            # Neither waiters nor the next refresh wait on the disk.
+            self._tg.start_soon(self._persist, p, adopted, self._store)
 
-    async def _on_token(self, p: _Profile, result: FetchResult) -> None:
+    async def _persist(self, p: _Profile, token: Token, store: TokenSink) -> None:
+        """Write the token; writes of one profile stay in order, and finish even at shutdown
+        so that a restart finds the token."""
+        with anyio.CancelScope(shield=True):
+            async with p.disk:
+                await anyio.to_thread.run_sync(store.save, p.config, token)
+
+    def _on_token(self, p: _Profile, result: FetchResult) -> Token | None:
+        """Take a fetched token; returns it when it became the current one."""
         now, token = self._clock.monotonic(), result.token
         problem = p.machine.fetch_succeeded(token, now, self._rng())
         if problem is not None:
             self._on_failure(p, problem, already_recorded=True, tracking_id=result.tracking_id)
-            return
+            return None
         p.counters["refreshes"] += 1
         p.last_refresh_wall = self._clock.wall()
         self._observer.observe_refresh(p.config.name, "ok")
@@ -314,8 +329,7 @@ class Engine:
                 skew_s=round(result.clock_skew, 1),
                 tracking_id=result.tracking_id,
             )
-        if self._store is not None:
-            await anyio.to_thread.run_sync(self._store.save, p.config, token)
+        return token
 
     def _on_failure(
         self,
@@ -392,6 +406,12 @@ class Engine:
         next_try = self._next_try(p, now)
         if now >= deadline or next_try > deadline:
             raise _unavailable(p, now, next_try)
+
+
+def _replacing(p: _Profile, sha256: str) -> bool:
+    """The reported token is still current and a refresh to replace it is due or under way."""
+    token, m = p.machine.token, p.machine
+    return token is not None and token.sha256 == sha256 and (m.in_flight or m.forced)
 
 
 def _unavailable(p: _Profile, now: float, next_try: float) -> TokenUnavailable:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -12,7 +13,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from broker._engine import Engine
+from broker._engine import Engine, TokenSink
 from broker._persist import TokenStore
 from broker._profile import ProfileConfig, Secret
 from broker._token import Token
@@ -49,7 +50,7 @@ def profile(
 async def running(
     emulator: Emulator,
     profiles: list[ProfileConfig],
-    store: TokenStore | None = None,
+    store: TokenSink | None = None,
     rng: Callable[[], float] = lambda: 0.0,
 ) -> AsyncIterator[Engine]:
     """The emulator and an engine over it, both torn down at the end."""
@@ -260,3 +261,31 @@ async def test_the_watchdog_pings_only_while_every_profile_task_is_alive() -> No
                     await anyio.sleep(0.05)
         assert len(beats) <= count + 2  # one may already have been on its way
         tg.cancel_scope.cancel()
+
+
+class _StuckDisk:
+    """A token store whose writes hang until released: a slow or stuck disk."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.saved: list[str] = []
+
+    def load(self, profile: ProfileConfig) -> Token | None:
+        return None
+
+    def save(self, profile: ProfileConfig, token: Token) -> None:
+        self.release.wait(10)
+        self.saved.append(token.access_token)
+
+
+async def test_consumers_and_reports_do_not_wait_on_the_disk() -> None:
+    """A hanging state write delays neither the waiters of a refresh nor a report of its
+    token: the report is answered with a new token, not the rejected one."""
+    disk = _StuckDisk()
+    async with emulated() as emu, running(emu, [profile(emu)], store=disk) as engine:
+        with anyio.fail_after(3):
+            first = await engine.get("default", min_valid=None, timeout=2)
+            second = await engine.report_rejected("default", first.sha256, timeout=2)
+        assert second.access_token != first.access_token
+        disk.release.set()
+    assert disk.saved == [first.access_token, second.access_token]
