@@ -35,6 +35,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check broker tests
 	$(BIN)/mypy
 
+# Minutes of mixed load with upstream faults against a real daemon (not part of CI).
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
+
 fmt: $(STAMP)
 	$(BIN)/ruff format broker tests
 	$(BIN)/ruff check --fix broker tests
