@@ -25,7 +25,7 @@ from broker._status import LastError, ProfileStatus
 from broker._throttle import AccountGate
 from broker._token import Token
 from broker._upstream import FetchResult, fetch_token
-from broker.exceptions import Throttled, TokenUnavailable, UpstreamError
+from broker.exceptions import Throttled, TokenUnavailable, UpstreamDetail, UpstreamError
 
 log = structlog.get_logger("broker.engine")
 
@@ -72,7 +72,8 @@ class _Profile:
     scope: anyio.CancelScope | None = None  # the profile's task, cancelled when it is removed
     alive_at: float = float("-inf")  # when its task last decided something (for the watchdog)
     fetch_started_at: float = float("-inf")
-    disk: anyio.Lock = field(default_factory=anyio.Lock)  # keeps its state writes in order
+    unsaved: Token | None = None  # the newest token not yet written to the state directory
+    save_wanted: anyio.Event = field(default_factory=anyio.Event)
 
     def poke(self) -> None:
         """Wake the profile's task so it decides again."""
@@ -216,7 +217,10 @@ class Engine:
     async def _drive_within(self, p: _Profile) -> None:
         assert p.scope is not None  # set by _start
         with p.scope:
-            await self._drive(p)
+            async with anyio.create_task_group() as tg:
+                if self._store is not None:
+                    tg.start_soon(self._keep_saved, p, self._store)
+                await self._drive(p)
 
     async def _watchdog(self) -> None:
         """Ping systemd only while every profile's task keeps deciding (a stuck one stops it)."""
@@ -292,15 +296,26 @@ class Engine:
             if p.waiters:
                 self._observer.observe_coalesced(p.config.name, p.waiters)
             p.publish()
-        if adopted is not None and self._store is not None and self._tg is not None:
-            # Neither waiters nor the next refresh wait on the disk.
-            self._tg.start_soon(self._persist, p, adopted, self._store)
+        if adopted is not None:
+            # Neither waiters nor the next refresh wait on the disk: the writer task does.
+            p.unsaved = adopted
+            p.save_wanted.set()
 
-    async def _persist(self, p: _Profile, token: Token, store: TokenSink) -> None:
-        """Write the token; writes of one profile stay in order, and finish even at shutdown
-        so that a restart finds the token."""
-        with anyio.CancelScope(shield=True):
-            async with p.disk:
+    async def _keep_saved(self, p: _Profile, store: TokenSink) -> None:
+        """Write each new token of one profile (the latest wins), and what is pending when
+        shutting down, so that a restart finds it."""
+        try:
+            while True:
+                await p.save_wanted.wait()
+                p.save_wanted = anyio.Event()
+                await self._save(p, store)
+        finally:
+            await self._save(p, store)
+
+    async def _save(self, p: _Profile, store: TokenSink) -> None:
+        token, p.unsaved = p.unsaved, None
+        if token is not None:
+            with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(store.save, p.config, token)
 
     def _on_token(self, p: _Profile, result: FetchResult) -> Token | None:
@@ -308,7 +323,8 @@ class Engine:
         now, token = self._clock.monotonic(), result.token
         problem = p.machine.fetch_succeeded(token, now, self._rng())
         if problem is not None:
-            self._on_failure(p, problem, already_recorded=True, tracking_id=result.tracking_id)
+            problem.detail = UpstreamDetail(status=200, tracking_id=result.tracking_id)
+            self._on_failure(p, problem, already_recorded=True)
             return None
         p.counters["refreshes"] += 1
         p.last_refresh_wall = self._clock.wall()
@@ -332,19 +348,14 @@ class Engine:
         return token
 
     def _on_failure(
-        self,
-        p: _Profile,
-        error: UpstreamError,
-        *,
-        already_recorded: bool = False,
-        tracking_id: str | None = None,
+        self, p: _Profile, error: UpstreamError, *, already_recorded: bool = False
     ) -> None:
         """The one path every failed attempt takes: state, account gate, metrics, log."""
         now = self._clock.monotonic()
         if not already_recorded:
             p.machine.fetch_failed(error, now, self._rng())
         if isinstance(error, Throttled):
-            p.gate.throttle(p.machine.retry_at)
+            p.gate.throttle(p.machine.retry_at, error)
             p.counters["throttled"] += 1
             self._observer.observe_throttled(p.config.account)
         p.counters["failures"] += 1
@@ -354,7 +365,7 @@ class Engine:
             profile=p.config.name,
             kind=error.kind,
             error=str(error),
-            tracking_id=error.detail.tracking_id or tracking_id,
+            tracking_id=error.detail.tracking_id,
             status=error.detail.status,
             code=error.detail.code,
             retry_in=round(p.machine.retry_at - now, 1),
@@ -397,13 +408,15 @@ class Engine:
     def _give_up_if_hopeless(self, p: _Profile, floor: float, now: float, deadline: float) -> None:
         m, name = p.machine, p.config.name
         if m.cannot_satisfy(floor):
-            lifetime = m.token.lifetime if m.token else 0.0
             raise TokenUnavailable(
-                f"profile {name!r}: tokens from the token endpoint live {lifetime:.0f} s, "
-                f"less than the {floor:.0f} s asked for",
+                f"profile {name!r}: tokens from the token endpoint live {m.upstream_lifetime:g} s, "
+                f"less than the {floor:g} s asked for; ask for less (min_valid)",
                 profile=name,
+                cause=m.last_error,
             )
         next_try = self._next_try(p, now)
+        if now >= deadline and m.in_flight:
+            raise _still_in_flight(p, now)
         if now >= deadline or next_try > deadline:
             raise _unavailable(p, now, next_try)
 
@@ -416,13 +429,29 @@ def _replacing(p: _Profile, sha256: str) -> bool:
 
 def _unavailable(p: _Profile, now: float, next_try: float) -> TokenUnavailable:
     name, error = p.config.name, p.machine.last_error
-    why = f": {error}" if error is not None else ""
+    held_back = p.gate.earliest(now) > max(p.machine.next_fetch_at(now), now)
+    if held_back and p.gate.throttled_until > now and p.gate.throttle_error is not None:
+        error = p.gate.throttle_error  # a sibling profile's 429 holds the whole account
+        why = f": account {p.gate.account!r} is throttled: {error}"
+    elif held_back:
+        why = f": account {p.gate.account!r} reached its own request cap (max_requests_per_*)"
+    else:
+        why = f": {error}" if error is not None else ""
     retry = max(next_try - now, 0.0) if next_try < float("inf") else None
     return TokenUnavailable(
-        f"profile {name!r} has no valid token{why}",
-        profile=name,
-        retry_after=retry,
-        cause=error,
+        f"profile {name!r} has no valid token{why}", profile=name, retry_after=retry, cause=error
+    )
+
+
+def _still_in_flight(p: _Profile, now: float) -> TokenUnavailable:
+    """A consumer gave up while a token request was still under way."""
+    timeout, started = p.config.upstream_timeout, p.fetch_started_at
+    return TokenUnavailable(
+        f"profile {p.config.name!r} has no valid token yet: a request to the token endpoint "
+        f"has been under way for {now - started:.1f} s (upstream_timeout is {timeout:g} s)",
+        profile=p.config.name,
+        retry_after=max(started + timeout - now, 0.0),
+        cause=p.machine.last_error,
     )
 
 

@@ -32,7 +32,6 @@ from broker.exceptions import (
     CredentialsRejected,
     RequestRejected,
     Throttled,
-    UpstreamDetail,
     UpstreamError,
     UpstreamUnavailable,
 )
@@ -95,6 +94,7 @@ class Lifecycle:
     last_error: UpstreamError | None = None
     last_error_at: float | None = None
     need: float = 0.0  # the largest min_valid a waiting consumer asked for
+    upstream_lifetime: float | None = None  # of the last token upstream issued
     forced: bool = False
     replacing: bool = False
     last_forced_at: float = float("-inf")
@@ -127,8 +127,7 @@ class Lifecycle:
 
     def cannot_satisfy(self, min_valid: float) -> bool:
         """True when upstream's tokens are known to live less than ``min_valid``."""
-        token = self.token
-        return token is not None and token.lifetime < min_valid
+        return self.upstream_lifetime is not None and self.upstream_lifetime < min_valid
 
     # -- events ------------------------------------------------------------------------------
 
@@ -136,22 +135,24 @@ class Lifecycle:
         self.in_flight = True
         self.replacing = self.forced  # this fetch replaces a token a consumer saw rejected
         self.forced = False
+        self.need = 0.0  # consumers still waiting after this fetch will say so again
 
     def fetch_succeeded(self, token: Token, now: float, u: float) -> UpstreamError | None:
-        """A token arrived; ``u`` is uniform in [0, 1) for the jitter. Returns a problem, if any."""
+        """A token arrived; ``u`` is uniform in [0, 1) for the jitter. Returns a problem, if any.
+
+        A problem (no progress, too short-lived) keeps the token we hold, which is at least as
+        good, and backs off like a failure."""
         self.in_flight = False
+        self.upstream_lifetime = token.lifetime
         problem = self._judge(token)
         if problem is not None:
             self._fail(problem, now, u)
-            if isinstance(problem, NoProgress):
-                return problem  # keep the token we hold: it is at least as good
+            return problem
         self.token = token
-        if problem is None:
-            self.failures = 0
-            self.retry_at = float("-inf")
-            self.need = 0.0
-            self.refresh_at = token.expires_at - self._lead(token.lifetime, u)
-        return problem
+        self.failures = 0
+        self.retry_at = float("-inf")
+        self.refresh_at = token.expires_at - self._lead(token.lifetime, u)
+        return None
 
     def fetch_failed(self, error: UpstreamError, now: float, u: float) -> None:
         self.in_flight = False
@@ -201,9 +202,8 @@ class Lifecycle:
     def _judge(self, token: Token) -> UpstreamError | None:
         if token.lifetime <= self.policy.min_valid:
             return TooShortLived(
-                f"the token endpoint issued a token valid for {token.lifetime:.0f} s, not more "
-                f"than min_valid ({self.policy.min_valid:.0f} s): lower min_valid",
-                UpstreamDetail(),
+                f"the token endpoint issued a token valid for {token.lifetime:g} s, not more "
+                f"than min_valid ({self.policy.min_valid:g} s): lower min_valid"
             )
         held = self.token
         if held is None:

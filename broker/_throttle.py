@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from broker.exceptions import Throttled
+
 MINUTE = 60.0
 DAY = 86_400.0
 
@@ -21,6 +23,7 @@ class AccountGate:
         self.per_minute = per_minute
         self.per_day = per_day
         self.throttled_until = float("-inf")
+        self.throttle_error: Throttled | None = None  # the 429 that set throttled_until
         self._sent: deque[float] = deque()  # send times within the last day, oldest first
 
     def earliest(self, now: float) -> float:
@@ -37,9 +40,11 @@ class AccountGate:
         """A request is being sent at ``now``."""
         self._sent.append(now)
 
-    def throttle(self, until: float) -> None:
+    def throttle(self, until: float, error: Throttled | None = None) -> None:
         """Upstream said 429: nothing goes out for this account before ``until``."""
-        self.throttled_until = max(self.throttled_until, until)
+        if until >= self.throttled_until:
+            self.throttled_until = until
+            self.throttle_error = error
 
     def sent_within(self, now: float, window: float) -> int:
         """How many requests went out in the ``window`` seconds before ``now``."""

@@ -283,9 +283,9 @@ async def test_consumers_and_reports_do_not_wait_on_the_disk() -> None:
     token: the report is answered with a new token, not the rejected one."""
     disk = _StuckDisk()
     async with emulated() as emu, running(emu, [profile(emu)], store=disk) as engine:
-        with anyio.fail_after(3):
-            first = await engine.get("default", min_valid=None, timeout=2)
-            second = await engine.report_rejected("default", first.sha256, timeout=2)
+        with anyio.fail_after(10):
+            first = await engine.get("default", min_valid=None, timeout=5)
+            second = await engine.report_rejected("default", first.sha256, timeout=5)
         assert second.access_token != first.access_token
         disk.release.set()
     assert disk.saved == [first.access_token, second.access_token]

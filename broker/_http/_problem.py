@@ -70,7 +70,8 @@ class Problem:
         """Extra headers: ``Retry-After`` (whole seconds, rounded up) and any of its own."""
         headers = list(self.headers)
         if self.retry_after is not None:
-            headers.append(("Retry-After", str(max(0, math.ceil(self.retry_after)))))
+            # At least 1: "Retry-After: 0" invites a client to spin.
+            headers.append(("Retry-After", str(max(1, math.ceil(self.retry_after)))))
         return headers
 
 
