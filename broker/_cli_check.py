@@ -28,7 +28,9 @@ def check_command(config_path: Path | None, *, online: bool) -> int:
     sys.stdout.write(json.dumps(redacted(config), indent=2, default=str) + "\n")
     for warning in config.warnings:
         sys.stderr.write(f"colt-broker: warning: {warning}\n")
-    sys.stderr.write(f"colt-broker: configuration OK ({len(config.profiles)} profiles, {path})\n")
+    count = len(config.profiles)
+    profiles = f"{count} profile" + ("" if count == 1 else "s")
+    sys.stderr.write(f"colt-broker: configuration OK ({profiles}, {path})\n")
     if not online:
         return EXIT_OK
     return EXIT_OK if anyio.run(_fetch_all, config) else EXIT_UNAVAILABLE

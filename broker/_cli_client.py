@@ -41,9 +41,7 @@ def token_command(profile: str | None, min_valid: float | None, *, as_json: bool
         return _fail(str(exc), EXIT_UNAVAILABLE)
     if response.status != 200:
         return _problem(response)
-    sys.stdout.write(response.body.decode())
-    if as_json:
-        sys.stdout.write("\n")
+    sys.stdout.write(response.body.decode())  # the daemon ends both formats with a newline
     return EXIT_OK
 
 
@@ -56,7 +54,7 @@ def status_command(*, as_json: bool) -> int:
     if response.status != 200:
         return _problem(response)
     if as_json:
-        sys.stdout.write(response.body.decode() + "\n")
+        sys.stdout.write(response.body.decode())
         return EXIT_OK
     document = response.json()
     profiles = document.get("profiles", []) if isinstance(document, dict) else []

@@ -287,12 +287,30 @@ def serve_command(config_path: Path | None, *, demo: bool) -> int:
 
     try:
         anyio.run(_serve, config, demo, reload, backend_options={"use_uvloop": _has_uvloop()})
-    except ConfigError as exc:
-        log.error("broker.start_failed", error=str(exc))
-        return 2
     except KeyboardInterrupt:
         return 0
+    except (ConfigError, BaseExceptionGroup) as exc:
+        # Listeners are opened inside the task group, so a taken port or socket arrives
+        # wrapped in an exception group: still the operator's to fix, not a traceback.
+        error = _config_error_in(exc)
+        if error is None:
+            raise
+        log.error("broker.start_failed", error=str(error))
+        sys.stderr.write(f"colt-broker: cannot start: {error}\n")
+        return 2
     return 0
+
+
+def _config_error_in(exc: BaseException) -> ConfigError | None:
+    """The ConfigError in ``exc`` or anywhere in its exception groups, if any."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _config_error_in(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _has_uvloop() -> bool:

@@ -183,7 +183,7 @@ class _Socket:
     async def _wait_flushed(self) -> None:
         # An abortive close drops bytes the kernel has not transmitted yet; wait (briefly,
         # bounded) until none are left, so "half the body, then RST" really sends half.
-        import fcntl  # noqa: PLC0415  # Unix only, and only needed here
+        import fcntl  # Unix only, and only needed here
 
         for _ in range(100):
             try:

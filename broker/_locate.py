@@ -31,7 +31,7 @@ def call(
 ) -> Response:
     """One request to the first daemon that answers. Raises BrokerUnavailable."""
     env = os.environ if environ is None else environ
-    tried: list[str] = []
+    tried = _bad_settings(env)
     for endpoint, extra in _endpoints(env):
         try:
             return request(
@@ -58,6 +58,14 @@ def _endpoints(env: Mapping[str, str]) -> list[tuple[Endpoint, dict[str, str]]]:
     except WireError:
         return found
     return [*found, (tcp, {"X-Colt-Broker": read_key(env) or "none"})]
+
+
+def _bad_settings(env: Mapping[str, str]) -> list[str]:
+    try:
+        Endpoint.from_url(_paths.client_url(env))
+    except WireError as exc:
+        return [f"no TCP fallback ({exc})"]
+    return []
 
 
 def read_key(env: Mapping[str, str]) -> str | None:

@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _has_uvloop() -> bool:
     try:
-        import uvloop  # noqa: F401, PLC0415  # optional: only whether it is installed matters
+        import uvloop  # noqa: F401  # optional: only whether it is installed matters
     except ImportError:
         return False
     return True

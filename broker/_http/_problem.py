@@ -217,7 +217,7 @@ def token_unavailable(exc: TokenUnavailable, profile: str) -> Problem:
     return Problem(
         exc.http_status,
         "Token unavailable",
-        f"{exc} {advice}",
+        _sentence(str(exc)) + " " + advice,
         kind=kind.replace("_", "-"),
         profile=profile,
         extra=extra,
@@ -231,3 +231,8 @@ def wait_timed_out(profile: str, seconds: float) -> Problem:
         f"{_DEFAULT_ADVICE}"
     )
     return Problem(503, "Token unavailable", detail, kind="token-unavailable", profile=profile)
+
+
+def _sentence(text: str) -> str:
+    """End a message with a full stop, so the advice that follows reads as its own sentence."""
+    return text if text.endswith((".", "!", "?")) else text + "."
