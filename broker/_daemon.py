@@ -55,6 +55,12 @@ def open_listeners(config: Config, inherited: list[InheritedSocket]) -> list[Lis
     if inherited:
         return [_adopt(s) for s in inherited]
     b = config.broker
+    why = _paths.untrusted_dir(str(b.socket_path.parent))
+    if why:
+        raise ConfigError(
+            f"refusing to listen in {b.socket_path.parent}: {why}; set socket_path to a "
+            "directory only this user can write"
+        )
     unix = open_unix_listener(b.socket_path, mode=b.socket_mode, group=b.socket_group)
     found = [Listener(unix, "unix", str(b.socket_path))]
     if b.http_port:

@@ -133,7 +133,8 @@ class Engine:
     async def get(self, profile: str, *, min_valid: float | None, timeout: float) -> Token:
         """A token with at least ``min_valid`` seconds left, waiting at most ``timeout``."""
         p = self._profiles[profile]
-        floor = p.config.min_valid if min_valid is None else min_valid
+        # The operator's min_valid is a floor no consumer can lower.
+        floor = max(p.config.min_valid, min_valid or 0.0)
         token = p.machine.servable(self._clock.monotonic(), floor)
         if token is not None:
             return token
@@ -382,7 +383,6 @@ class Engine:
             token = p.machine.servable(now, floor)
             if token is not None:
                 return token
-            p.machine.want(floor)
             self._give_up_if_hopeless(p, floor, now, deadline)
             p.poke()
             await self._next_outcome(p, deadline - now)
@@ -393,7 +393,8 @@ class Engine:
         wanted)."""
         if p.machine.in_flight:
             return now
-        return max(p.machine.next_fetch_at(now), p.gate.earliest(now))
+        discretionary = p.machine.discretionary(now)
+        return max(p.machine.next_fetch_at(now), p.gate.earliest(now, discretionary=discretionary))
 
     async def _next_outcome(self, p: _Profile, timeout: float) -> None:
         """Wait for the next fetch attempt to end, at most ``timeout`` seconds."""
@@ -406,6 +407,7 @@ class Engine:
             p.waiters -= 1
 
     def _give_up_if_hopeless(self, p: _Profile, floor: float, now: float, deadline: float) -> None:
+        """Raise unless the next fetch can end before ``deadline``; else note the need."""
         m, name = p.machine, p.config.name
         if m.cannot_satisfy(floor):
             raise TokenUnavailable(
@@ -413,11 +415,16 @@ class Engine:
                 f"less than the {floor:g} s asked for; ask for less (min_valid)",
                 profile=name,
                 cause=m.last_error,
+                client_error=True,
             )
+        need = m.need
+        m.want(floor)
         next_try = self._next_try(p, now)
         if now >= deadline and m.in_flight:
+            m.need = need
             raise _still_in_flight(p, now)
         if now >= deadline or next_try > deadline:
+            m.need = need  # nobody is left waiting for it
             raise _unavailable(p, now, next_try)
 
 

@@ -95,6 +95,7 @@ class Lifecycle:
     last_error_at: float | None = None
     need: float = 0.0  # the largest min_valid a waiting consumer asked for
     upstream_lifetime: float | None = None  # of the last token upstream issued
+    last_need_fetch_at: float = float("-inf")  # the last fetch made for a consumer's min_valid
     forced: bool = False
     replacing: bool = False
     last_forced_at: float = float("-inf")
@@ -132,6 +133,9 @@ class Lifecycle:
     # -- events ------------------------------------------------------------------------------
 
     def fetch_started(self, now: float) -> None:
+        token = self.token
+        if token is not None and not self.forced and token.remaining(now) < self.need:
+            self.last_need_fetch_at = now
         self.in_flight = True
         self.replacing = self.forced  # this fetch replaces a token a consumer saw rejected
         self.forced = False
@@ -182,11 +186,19 @@ class Lifecycle:
 
     def _wanted_at(self, now: float) -> float:
         token = self.token
-        if token is None or self.forced or token.remaining(now) < max(self.need, 0.0):
+        if token is None or self.forced or self.servable(now) is None:
             return now
-        if self.servable(now) is None:
-            return now
+        if token.remaining(now) < self.need:
+            # A consumer wants more than the token has left: refresh early, but no more often
+            # than a quarter of a lifetime, so that a client asking for nearly a whole
+            # lifetime in a loop cannot spend the account's budget.
+            return min(max(now, self.last_need_fetch_at + 0.25 * token.lifetime), self.refresh_at)
         return self.refresh_at
+
+    def discretionary(self, now: float) -> bool:
+        """The fetch wanted now is only for a consumer (a report, a large min_valid): the
+        schedule itself would not fetch yet."""
+        return self.servable(now) is not None and now < self.refresh_at
 
     def _lead(self, lifetime: float, u: float) -> float:
         """Seconds before expiry to refresh: the configured fraction, spread by jitter.
@@ -221,6 +233,13 @@ class Lifecycle:
         self.last_error = error
         self.last_error_at = now
         self.retry_at = now + self._retry_delay(error, u)
+        token = self.token
+        if isinstance(error, NoProgress) and token is not None:
+            # An endpoint that hands back its cached token is asked once more before the token
+            # we hold stops being servable, however long the backoff: once, not in a loop.
+            last_chance = token.expires_at - self.policy.min_valid - 0.05 * token.lifetime
+            if now < last_chance < self.retry_at:
+                self.retry_at = last_chance
 
     def _retry_delay(self, error: UpstreamError, u: float) -> float:
         policy = self.policy
@@ -240,5 +259,5 @@ def decide(machine: Lifecycle, gate: AccountGate, now: float) -> Action:
     wanted = machine.next_fetch_at(now)
     if wanted > now:
         return Wait(wanted)
-    allowed = gate.earliest(now)
+    allowed = gate.earliest(now, discretionary=machine.discretionary(now))
     return Fetch() if allowed <= now else Wait(allowed)

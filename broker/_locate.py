@@ -53,6 +53,8 @@ def _endpoints(env: Mapping[str, str]) -> list[tuple[Endpoint, dict[str, str]]]:
     found: list[tuple[Endpoint, dict[str, str]]] = [
         (Endpoint(unix=path), {}) for path in _paths.client_socket_candidates(env)
     ]
+    if "COLT_BROKER_SOCKET" not in env:  # a socket named explicitly is the user's choice
+        found = [(e, x) for e, x in found if e.unix is None or _trusted(e.unix)]
     try:
         tcp = Endpoint.from_url(_paths.client_url(env))
     except WireError:
@@ -60,12 +62,23 @@ def _endpoints(env: Mapping[str, str]) -> list[tuple[Endpoint, dict[str, str]]]:
     return [*found, (tcp, {"X-Colt-Broker": read_key(env) or "none"})]
 
 
+def _trusted(socket_path: str) -> bool:
+    return _paths.untrusted_dir(os.path.dirname(socket_path)) is None
+
+
 def _bad_settings(env: Mapping[str, str]) -> list[str]:
     try:
         Endpoint.from_url(_paths.client_url(env))
     except WireError as exc:
-        return [f"no TCP fallback ({exc})"]
-    return []
+        problems = [f"no TCP fallback ({exc})"]
+    else:
+        problems = []
+    if "COLT_BROKER_SOCKET" not in env:
+        for path in _paths.client_socket_candidates(env):
+            why = _paths.untrusted_dir(os.path.dirname(path))
+            if why:
+                problems.append(f"unix socket {path} (skipped: {why})")
+    return problems
 
 
 def read_key(env: Mapping[str, str]) -> str | None:

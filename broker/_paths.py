@@ -7,6 +7,7 @@ inside ``$(...)`` in shell loops, where every millisecond of start-up counts.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 
 SOCKET_NAME = "broker.sock"
@@ -50,3 +51,33 @@ def key_file_candidates(environ: Mapping[str, str]) -> list[str]:
     if explicit:
         return [explicit]
     return [os.path.join(os.path.dirname(s), KEY_FILE) for s in client_socket_candidates(environ)]
+
+
+def untrusted_dir(directory: str) -> str | None:
+    """Why a socket directory could be another user's trap, or None when it is safe.
+
+    Safe: a real directory (not a link), writable by nobody else, owned by us or root, or
+    created where only root can create things (systemd's /run/colt-broker belongs to the
+    service user, in root's /run). /tmp/colt-broker-<uid> made by someone else is not.
+    """
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return None  # nothing there yet: nothing to be tricked by
+    except OSError as exc:
+        return f"cannot inspect {directory}: {exc.strerror}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory"
+    if info.st_mode & 0o002:
+        return f"{directory} is writable by every user"
+    if info.st_uid in (os.geteuid(), 0) or _root_only(os.path.dirname(directory)):
+        return None
+    return f"{directory} belongs to uid {info.st_uid}, not to this user or root"
+
+
+def _root_only(directory: str) -> bool:
+    try:
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    return info.st_uid == 0 and not info.st_mode & 0o022

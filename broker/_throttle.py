@@ -26,14 +26,19 @@ class AccountGate:
         self.throttle_error: Throttled | None = None  # the 429 that set throttled_until
         self._sent: deque[float] = deque()  # send times within the last day, oldest first
 
-    def earliest(self, now: float) -> float:
-        """The first moment at or after ``now`` when a request may be sent."""
+    def earliest(self, now: float, *, discretionary: bool = False) -> float:
+        """The first moment at or after ``now`` when a request may be sent.
+
+        A discretionary request (one a consumer asked for ahead of the schedule) may use only
+        four fifths of the daily budget: the rest is kept for scheduled refreshes, so a client
+        storm cannot leave the account without tokens for the rest of the day."""
         self._forget_before(now - DAY)
+        per_day = max(1, self.per_day * 4 // 5) if discretionary else self.per_day
         return max(
             now,
             self.throttled_until,
             self._window_opens(MINUTE, self.per_minute),
-            self._window_opens(DAY, self.per_day),
+            self._window_opens(DAY, per_day),
         )
 
     def record(self, now: float) -> None:

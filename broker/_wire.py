@@ -55,6 +55,9 @@ class Endpoint:
         host = host.strip("[]")
         if rest == url or not host or (port and not port.isdigit()):
             raise WireError(f"COLT_BROKER_URL must be http://HOST:PORT, not {url!r}")
+        if not _loopback(host):
+            # The key travels in clear text: it may only go to this machine.
+            raise WireError(f"COLT_BROKER_URL must name a loopback host, not {host!r}")
         return cls(host=host, port=int(port) if port else 80)
 
     def describe(self) -> str:
@@ -75,6 +78,16 @@ class Endpoint:
                 raise
             return sock
         return socket.create_connection((self.host, self.port), timeout=timeout)
+
+
+def _loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1, without importing ipaddress (start-up time)."""
+    if host in ("localhost", "::1", "0:0:0:0:0:0:0:1"):
+        return True
+    parts = host.split(".")
+    return (
+        len(parts) == 4 and parts[0] == "127" and all(p.isdigit() and int(p) < 256 for p in parts)
+    )
 
 
 def request(

@@ -149,8 +149,10 @@ class TokenUnavailable(BrokerError):
         retry_after: float | None = None,
         cause: UpstreamError | None = None,
         problem: dict[str, object] | None = None,
+        client_error: bool = False,
     ) -> None:
         super().__init__(message)
+        self.client_error = client_error  # the request itself cannot be met (400, not 503)
         self.profile = profile
         self.retry_after = retry_after
         self.cause = cause

@@ -289,3 +289,27 @@ async def test_consumers_and_reports_do_not_wait_on_the_disk() -> None:
         assert second.access_token != first.access_token
         disk.release.set()
     assert disk.saved == [first.access_token, second.access_token]
+
+
+async def test_a_consumer_cannot_lower_the_operators_min_valid() -> None:
+    """min_valid=0 in a request still gets a token with the profile's min_valid left."""
+    async with emulated(token_lifetime=3.0) as emu:
+        p = profile(emu, min_valid=2.0, refresh_ahead=0.1, refresh_jitter=0.01)
+        async with running(emu, [p]) as engine:
+            first = await engine.get("default", min_valid=0, timeout=5)
+            with anyio.fail_after(5):
+                while first.remaining(anyio.current_time()) > 1.5:
+                    await anyio.sleep(0.05)
+            token = await engine.get("default", min_valid=0, timeout=5)
+            assert token.remaining(anyio.current_time()) >= 2.0
+
+
+async def test_an_impossible_min_valid_asks_upstream_nothing() -> None:
+    """A request for more than a token's whole lifetime is refused without a fetch."""
+    async with emulated() as emu, running(emu, [profile(emu)]) as engine:
+        await engine.get("default", min_valid=None, timeout=5)
+        for _ in range(5):
+            with pytest.raises(TokenUnavailable) as caught:
+                await engine.get("default", min_valid=5000, timeout=5)
+            assert caught.value.client_error
+        assert emu.count() == 1

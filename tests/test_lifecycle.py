@@ -333,3 +333,45 @@ def test_concurrent_reports_collapse_into_one_refresh() -> None:
     m.fetch_failed(transient(), 100.2, 0.0)
     assert not m.report_rejected(sha, 105.0)  # within 10 s of the last forced refresh
     assert m.report_rejected(sha, 111.0)
+
+
+# -- consumers cannot spend the account's budget ----------------------------------------------
+
+
+def test_refreshes_for_a_large_min_valid_come_at_most_once_a_quarter_lifetime() -> None:
+    """A client asking for nearly a whole lifetime in a loop gets one early refresh per 450 s."""
+    m = fresh_machine()
+    m.want(1790.0)
+    assert decide(m, gate(), 20.0) == Fetch()
+    m.fetch_started(20.0)
+    m.fetch_succeeded(token(20.0), 20.0, 0.0)
+    m.want(1790.0)
+    assert decide(m, gate(), 40.0) == Wait(20.0 + 450.0)
+
+
+def test_consumer_driven_fetches_keep_a_fifth_of_the_daily_budget() -> None:
+    """Reports and large min_valid requests stop at four fifths of the daily cap; the
+    schedule may still use the rest."""
+    g = gate(per_minute=1000, per_day=10)
+    for t in range(8):
+        g.record(float(t))
+    m = fresh_machine(at=10.0)
+    m.want(1790.0)
+    assert isinstance(decide(m, g, 100.0), Wait), "a consumer's wish used the reserve"
+    assert decide(m, g, m.refresh_at) == Fetch(), "the schedule could not use the reserve"
+
+
+def test_an_endpoint_returning_its_cached_token_is_asked_once_more_before_expiry() -> None:
+    """No progress backs off (30, 60, 120 s ...), but when the backoff would pass the held
+    token's last servable stretch, one attempt comes just before it; then the backoff again."""
+    m = fresh_machine()
+    held = m.token
+    assert held is not None
+    attempts, now = [], 1500.0
+    while now < 1800.0:
+        attempts.append(round(now, 3))
+        m.fetch_started(now)
+        m.fetch_succeeded(held, now, 0.999999)  # the same token again
+        now = m.retry_at
+    last_chance = 1800.0 - 60.0 - 90.0  # min_valid and a twentieth of the lifetime before
+    assert attempts == [1500.0, 1530.0, 1590.0, last_chance]
