@@ -10,11 +10,10 @@ from pathlib import Path
 import anyio
 import httpx
 
+from broker._cli import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from broker._config import Config, find_config_file, load_config, redacted
 from broker._upstream import fetch_token
 from broker.exceptions import ConfigError, UpstreamError
-
-EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 2, 69
 
 
 def check_command(config_path: Path | None, *, online: bool) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from broker._cli import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from broker._locate import call
 from broker._wire import Response
 from broker.exceptions import BrokerUnavailable
@@ -23,9 +24,6 @@ def quote(segment: str) -> str:
     return "".join(
         c if c in _UNRESERVED else "".join(f"%{b:02X}" for b in c.encode()) for c in segment
     )
-
-
-EXIT_OK, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 2, 69
 
 
 def token_command(profile: str | None, min_valid: float | None, *, as_json: bool) -> int:

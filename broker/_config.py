@@ -25,13 +25,12 @@ from pydantic_settings import SettingsError
 from broker._config_errors import Origin, Problem, config_error, home, problems_from
 from broker._config_model import (
     LOAD_INPUTS,
-    MAX_SOCKET_PATH,
     BrokerModel,
     LoadInputs,
     SettingsModel,
 )
 from broker._config_profiles import build_profiles
-from broker._paths import daemon_socket_path
+from broker._paths import MAX_SOCKET_PATH, daemon_socket_path
 from broker._profile import ProfileConfig
 from broker._secrets import NOT_LOADED
 from broker.exceptions import ConfigError

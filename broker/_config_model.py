@@ -13,9 +13,7 @@ pydantic-settings deep-merges them.
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import sys
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -33,11 +31,10 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
+from broker._loopback import is_loopback_address
+
 ENV_PREFIX = "COLT_BROKER_"
 ENV_DELIMITER = "__"
-
-# sun_path holds 108 bytes on Linux (104 on macOS), including the terminating NUL.
-MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
@@ -53,14 +50,9 @@ Id = Annotated[int, Field(ge=0)]
 Environment = Literal["production", "sandbox"]
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for "localhost", 127.0.0.0/8 and ::1 (no name resolution)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def is_loopback_url_host(host: str) -> bool:
+    """A plain-http token URL may go to "localhost" or a loopback address (the emulator)."""
+    return host.lower() == "localhost" or is_loopback_address(host)
 
 
 class _Strict(BaseModel):
@@ -100,8 +92,11 @@ class BrokerModel(_Strict):
     @field_validator("http_host")
     @classmethod
     def _loopback(cls, value: str) -> str:
-        if not is_loopback_host(value):
-            raise ValueError(f"{value!r} is not a loopback address (tokens must stay local)")
+        if not is_loopback_address(value):
+            raise ValueError(
+                f"{value!r} is not a loopback address such as 127.0.0.1 or ::1 "
+                "(tokens must stay local; a name is not resolved)"
+            )
         return value
 
     @field_validator("log_level")
@@ -218,7 +213,7 @@ def check_token_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http(s) URL")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_url_host(parts.hostname):
         raise ValueError(f"{url!r}: plain http is only allowed to a loopback host; use https")
 
 

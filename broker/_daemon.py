@@ -13,7 +13,6 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import anyio
 import anyio.abc
@@ -21,25 +20,27 @@ import httpx
 import structlog
 
 from broker import _paths
-from broker._config import Config, default_state_dir, find_config_file, load_config
-from broker._config_model import is_loopback_host
+from broker._config import Config, find_config_file, load_config
 from broker._engine import Engine
 from broker._http import (
     HttpService,
+    Transport,
     new_http_key,
     open_tcp_listener,
     open_unix_listener,
+    raise_nofile_limit,
+    remove_own_files,
     write_key_files,
 )
 from broker._logging import configure_logging, register_secret
+from broker._loop import backend_options
+from broker._loopback import is_loopback_address
 from broker._metrics import Metrics
 from broker._persist import TokenStore
 from broker._systemd import InheritedSocket, Notifier, listen_fds
 from broker.exceptions import ConfigError
 
 log = structlog.get_logger("broker.daemon")
-
-Transport = Literal["unix", "tcp"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _adopt(inherited: InheritedSocket) -> Listener:
         return Listener(inherited.sock, "unix", inherited.path or "?")
     if inherited.family in (socket.AF_INET, socket.AF_INET6):
         host, port = inherited.sock.getsockname()[:2]
-        if not is_loopback_host(host):
+        if not is_loopback_address(host):
             raise ConfigError(
                 f"systemd passed a socket on {host}:{port}, not a loopback address: "
                 "ListenStream= must be 127.0.0.1:PORT or [::1]:PORT"
@@ -124,9 +125,26 @@ class Daemon:
         """Serve until cancelled; READY=1 once every listener is up and tokens are restored."""
         config = self.config
         _register_secrets(config, self.http_key)
+        nofile = raise_nofile_limit()  # before HttpService sizes its connection cap from it
         listeners = open_listeners(config, self._inherited)
         key_dir = _key_dir(config, listeners)
         write_key_files(key_dir, self.http_key, group=config.broker.socket_group)
+        own_socket = None if self._inherited else config.broker.socket_path
+        try:
+            await self._serve(listeners, key_dir, nofile, task_status)
+        finally:
+            for listener in listeners:
+                listener.sock.close()
+            remove_own_files(own_socket, key_dir)
+
+    async def _serve(
+        self,
+        listeners: list[Listener],
+        key_dir: Path,
+        nofile: int,
+        task_status: anyio.abc.TaskStatus[Daemon],
+    ) -> None:
+        config = self.config
         async with _upstream_client() as http, anyio.create_task_group() as tg:
             self.engine = engine = Engine(
                 config.profiles,
@@ -154,6 +172,8 @@ class Daemon:
                 listeners=[f"{x.transport}:{x.where}" for x in listeners],
                 key_file=str(key_dir / _paths.KEY_FILE),
                 inherited=bool(self._inherited),
+                max_connections=service.limits.max_connections,
+                nofile=nofile,
             )
             self.notifier.ready(self._summary())
             task_status.started(self)
@@ -292,7 +312,7 @@ def serve_command(config_path: Path | None, *, demo: bool) -> int:
         return load_for_serve(config_path, demo, dict(os.environ))
 
     try:
-        anyio.run(_serve, config, demo, reload, backend_options={"use_uvloop": _has_uvloop()})
+        anyio.run(_serve, config, demo, reload, backend_options=backend_options())
     except KeyboardInterrupt:
         return 0
     except (ConfigError, BaseExceptionGroup) as exc:
@@ -319,12 +339,4 @@ def _config_error_in(exc: BaseException) -> ConfigError | None:
     return None
 
 
-def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401  # only probing that it is installed
-    except ImportError:
-        return False
-    return True
-
-
-__all__ = ["Daemon", "config_for_demo", "default_state_dir", "serve_command"]
+__all__ = ["Daemon", "config_for_demo", "serve_command"]

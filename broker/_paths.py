@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from collections.abc import Mapping
 
 SOCKET_NAME = "broker.sock"
@@ -15,6 +16,8 @@ SYSTEM_RUNTIME_DIR = "/run/colt-broker"
 DEFAULT_URL = "http://127.0.0.1:8787"
 KEY_FILE = "http-key"
 CURL_HEADERS_FILE = "curl-headers"
+# sun_path holds 108 bytes (104 on macOS) with the terminating NUL.
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
 
 def daemon_socket_path(environ: Mapping[str, str]) -> str:

@@ -62,6 +62,7 @@ from broker._emulator_colt import (
 )
 from broker._emulator_http import Action, HttpRequest, Reply, bind, serve
 from broker._emulator_tokens import LIFETIME, MISSING, TokenMint, TokenRevoked, TokenShape
+from broker._loop import backend_options
 
 __all__ = [
     "DEMO_CLIENT_ID",
@@ -378,17 +379,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         quota_window=args.quota_window,
         retry_after=args.retry_after,
     )
-    options = {"use_uvloop": True} if _has_uvloop() else {}
     with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(_serve_until_cancelled, emulator, args.host, args.port, backend_options=options)
-
-
-def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401  # optional: only whether it is installed matters
-    except ImportError:
-        return False
-    return True
+        anyio.run(
+            _serve_until_cancelled,
+            emulator,
+            args.host,
+            args.port,
+            backend_options=backend_options(),
+        )
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ class FakeSource:
         self.on_get: GetHook | None = None
         self.on_report: ReportHook | None = None
         self.fail_current: Exception | None = None
+        self.retry_after: dict[str, float] = {}  # what status() reports, per profile
+        self.next_refresh_in: dict[str, float] = {}
 
     def issue(self, profile: str, access_token: str, lifetime: float = 1800.0) -> Token:
         """Make ``access_token`` the profile's current token, valid for ``lifetime`` seconds."""
@@ -118,7 +120,7 @@ class FakeSource:
             expires_in=token.remaining(now) if token else None,
             expires_at=token.wall_expires_at if token else None,
             last_refresh=None,
-            next_refresh_in=None,
-            retry_after=None,
+            next_refresh_in=self.next_refresh_in.get(name),
+            retry_after=self.retry_after.get(name),
             last_error=None,
         )

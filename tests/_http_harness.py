@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from _fake_source import FakeClock, FakeSource, profile_config
 from anyio.abc import ByteStream
 
@@ -25,6 +26,26 @@ from broker._profile import ProfileConfig
 
 KEY = "test-key-0123456789"
 READ_TIMEOUT = 5.0
+
+
+async def curl(*args: str) -> tuple[int, str]:
+    """(HTTP status, body) from the real curl binary."""
+    with anyio.fail_after(10):
+        result = await anyio.run_process(["curl", "-sS", "-w", "|%{http_code}", *args], check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    body, _, status = result.stdout.decode().rpartition("|")
+    return int(status), body
+
+
+async def wait_until(what: str, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Yield to the event loop until ``condition()`` holds (the server has caught up with
+    what the kernel already delivered); fail naming ``what`` after ``timeout`` seconds."""
+    try:
+        with anyio.fail_after(timeout):
+            while not condition():
+                await anyio.lowlevel.checkpoint()
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
 @contextmanager

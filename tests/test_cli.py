@@ -196,10 +196,11 @@ def test_token_for_an_unknown_profile_exits_2_with_the_problem(demo: Demo) -> No
     assert "Configured profiles: default" in result.stderr
 
 
-def test_token_with_an_impossible_min_valid_exits_69_saying_why(demo: Demo) -> None:
-    """``--min-valid 99999`` beyond the tokens' 1800 s lifetime: exit 69 with both figures."""
+def test_token_with_an_impossible_min_valid_exits_2_saying_why(demo: Demo) -> None:
+    """``--min-valid 99999`` beyond the tokens' 1800 s lifetime is the caller's mistake:
+    exit 2 (usage) with both figures."""
     result = run_cli("token", "--min-valid", "99999", env=demo.env)
-    assert result.returncode == EXIT_UNAVAILABLE
+    assert result.returncode == EXIT_USAGE
     assert result.stdout == ""
     assert "99999" in result.stderr
     assert "1800" in result.stderr

@@ -301,11 +301,10 @@ def test_profile_name_must_be_url_safe(tmp_path: Path, name: str) -> None:
     [
         ("http_host = '::1'", "::1"),
         ("http_host = '127.0.0.2'", "127.0.0.2"),
-        ("http_host = 'localhost'", "localhost"),
     ],
 )
 def test_loopback_hosts_are_accepted(tmp_path: Path, broker: str, expected: str) -> None:
-    """Any loopback address, IPv6 ::1 and the name localhost are accepted."""
+    """Any loopback address and IPv6 ::1 are accepted."""
     assert load(tmp_path, f"[broker]\n{broker}\n" + PROFILE).broker.http_host == expected
 
 

@@ -7,15 +7,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 from _fake_source import FakeClock, FakeSource, profile_config
-from _http_harness import KEY, Harness, running, short_tmpdir
+from _http_harness import KEY, Harness, curl, running, short_tmpdir
 from structlog.testing import capture_logs
 
 from broker._http import HttpService, write_key_files
-from broker._http._access import is_loopback_host
 from broker._metrics import Metrics
+from broker._token import fingerprint
 from broker.exceptions import ConfigError
 
 pytestmark = pytest.mark.anyio
@@ -32,15 +31,6 @@ async def h(sockdir: Path) -> AsyncIterator[Harness]:
     async with running(sockdir) as harness:
         write_key_files(sockdir, KEY)
         yield harness
-
-
-async def curl(*args: str) -> tuple[int, str]:
-    """(HTTP status, body) from the real curl binary."""
-    with anyio.fail_after(10):
-        result = await anyio.run_process(["curl", "-sS", "-w", "|%{http_code}", *args], check=False)
-    assert result.returncode == 0, result.stderr.decode()
-    body, _, status = result.stdout.decode().rpartition("|")
-    return int(status), body
 
 
 # --- curl, as the README shows it ------------------------------------------------------------
@@ -111,29 +101,53 @@ async def test_missing_key_401_has_a_challenge(h: Harness) -> None:
     assert r.status == 401 and "X-Colt-Broker" in r.headers["www-authenticate"]
 
 
-@pytest.mark.parametrize("path", ["/v1/token", "/v1/status", "/metrics", "/nope"])
-async def test_every_tcp_path_but_healthz_needs_the_key(h: Harness, path: str) -> None:
-    """Token, status, metrics and unknown paths all need the key over TCP."""
+@pytest.mark.parametrize(
+    "path", ["/v1/token", "/v1/status", "/metrics", "/healthz", "/readyz", "/nope"]
+)
+async def test_every_tcp_path_needs_the_key(h: Harness, path: str) -> None:
+    """Every path over TCP, /healthz included, needs the key (product.md: every request)."""
     async with h.tcp() as c:
         assert (await c.get(path, auth=False)).status == 401
 
 
-async def test_healthz_over_tcp_needs_no_key_but_a_loopback_host(h: Harness) -> None:
-    """/healthz answers liveness probes without the key, yet still checks Host."""
+async def test_healthz_over_tcp_with_the_key(h: Harness) -> None:
+    """/healthz over TCP answers with the key and a loopback Host; a foreign Host is 403."""
     async with h.tcp() as c:
-        assert (await c.get("/healthz", auth=False)).status == 200
-        assert (await c.get("/healthz", auth=False, host="rebind.example")).status == 403
-
-
-async def test_tcp_request_without_host_is_400(h: Harness) -> None:
-    """An HTTP/1.1 request over TCP without Host is a 400."""
+        assert (await c.get("/healthz")).status == 200
     async with h.tcp() as c:
-        await c.send(f"GET /v1/token HTTP/1.1\r\nX-Colt-Broker: {KEY}\r\n\r\n".encode())
-        assert (await c.read_response()).status == 400
+        assert (await c.get("/healthz", host="rebind.example")).status == 403
 
 
 @pytest.mark.parametrize(
-    "host", ["localhost", "localhost:8787", "127.0.0.1:1", "[::1]:8787", "api.localhost"]
+    ("key", "host", "status"),
+    [(None, None, 401), ("wrong-key-0", None, 403), (KEY, "evil.example", 403)],
+)
+async def test_refusal_closes_the_connection(
+    h: Harness, key: str | None, host: str | None, status: int
+) -> None:
+    """A 401/403 from the TCP gate says Connection: close and closes, even with a request
+    pipelined behind it, so a client without the key cannot keep connections open."""
+    async with h.tcp() as c:
+        headers = [] if key is None else [("X-Colt-Broker", key)]
+        refused = c.build("GET", "/healthz", auth=False, headers=headers, host=host)
+        await c.send(refused + c.build("GET", "/healthz"))
+        r = await c.read_response()
+        assert (r.status, r.headers["connection"]) == (status, "close")
+        assert await c.read_to_eof() == b""  # the pipelined request is not answered
+
+
+async def test_request_without_host_closes_the_connection(h: Harness) -> None:
+    """A TCP request without Host is a 400 that closes the connection."""
+    async with h.tcp() as c:
+        await c.send(f"GET /v1/token HTTP/1.1\r\nX-Colt-Broker: {KEY}\r\n\r\n".encode())
+        r = await c.read_response()
+        assert (r.status, r.headers["connection"]) == (400, "close")
+        assert await c.read_to_eof() == b""
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["localhost", "localhost:8787", "127.0.0.1:1", "127.0.0.2", "[::1]:8787", "api.localhost"],
 )
 async def test_loopback_hosts_pass(h: Harness, host: str) -> None:
     """Every loopback spelling of Host passes the check."""
@@ -143,11 +157,13 @@ async def test_loopback_hosts_pass(h: Harness, host: str) -> None:
 
 async def test_http_auth_none_still_needs_the_header(sockdir: Path) -> None:
     """With http_auth = "none" any non-empty X-Colt-Broker will do, but it must be there."""
-    async with running(sockdir, http_auth="none") as h, h.tcp(key="anything") as c:
-        assert (await c.get("/v1/token")).status == 200
-        missing = await c.get("/v1/token", auth=False)
+    async with running(sockdir, http_auth="none") as h:
+        async with h.tcp(key="anything") as c:
+            assert (await c.get("/v1/token")).status == 200
+            missing = await c.get("/v1/token", auth=False)
         assert missing.status == 401 and "any non-empty value" in missing.json()["detail"]
-        empty = await c.get("/v1/token", auth=False, headers=[("X-Colt-Broker", "")])
+        async with h.tcp() as c:
+            empty = await c.get("/v1/token", auth=False, headers=[("X-Colt-Broker", "")])
         assert empty.status == 401
 
 
@@ -163,21 +179,6 @@ def test_http_auth_is_validated() -> None:
         HttpService(
             source, {}, default_profile=None, http_auth="key", http_key="", metrics=Metrics()
         )
-
-
-@pytest.mark.parametrize(
-    ("host", "ok"),
-    [
-        (b"localhost", True), (b"LocalHost:80", True), (b"localhost.", True), (b"127.0.0.1", True),
-        (b"[::1]", True), (b"[::1]:1", True), (b"a.b.localhost:9", True),
-        (b"evil.com", False), (b"localhost.evil.com", False), (b"127.0.0.1.nip.io", False),
-        (b"::1", False), (b"[::1", False), (b"localhost:abc", False), (b"localhost:123456", False),
-        (b"", False), (b"0.0.0.0", False), (b"[::2]", False), (b"localhostx", False),
-    ],
-)  # fmt: skip
-def test_is_loopback_host(host: bytes, ok: bool) -> None:
-    """Only localhost names pass, with or without a numeric port."""
-    assert is_loopback_host(host) is ok
 
 
 # --- Unix peer credentials -------------------------------------------------------------------
@@ -226,7 +227,7 @@ async def test_first_token_is_logged_once_per_connection(h: Harness) -> None:
             await c.get("/v1/token")
             await c.get("/v1/token")
     firsts = [e for e in logs if e["event"] == "peer.first_token"]
-    assert len(firsts) == 1
+    assert len(firsts) == 1 and firsts[0]["token"] == fingerprint("token-default-1")
     assert (firsts[0]["uid"], firsts[0]["gid"], firsts[0]["pid"]) == (
         os.getuid(),
         os.getgid(),
@@ -239,10 +240,11 @@ async def test_first_token_is_logged_once_per_connection(h: Harness) -> None:
 async def test_refusals_are_logged_rate_limited_without_the_key(h: Harness) -> None:
     """Refusals are warnings, at most a burst per minute, counting the dropped ones; no key."""
     with capture_logs() as logs:
-        async with h.tcp(key="wrong-key-abcdef") as c:
-            for _ in range(30):
+        for _ in range(30):
+            async with h.tcp(key="wrong-key-abcdef") as c:
                 await c.get("/v1/token")
-            h.clock.advance(61)
+        h.clock.advance(61)
+        async with h.tcp(key="wrong-key-abcdef") as c:
             await c.get("/v1/token")
     refused = [e for e in logs if e["event"] == "http.refused"]
     assert len(refused) == 21 and all(e["log_level"] == "warning" for e in refused)

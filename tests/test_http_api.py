@@ -285,6 +285,54 @@ async def test_silent_engine_is_cut_off(sockdir: Path) -> None:
         assert (await c.get("/v1/token")).status == 200
 
 
+@pytest.mark.parametrize(
+    ("retry_after", "next_refresh_in", "header"),
+    [(7.3, 100.0, "8"), (None, 41.5, "42"), (None, 0.0, "1"), (0.2, None, "1"), (None, None, None)],
+)
+async def test_silent_engine_503_says_when_to_ask_again(
+    sockdir: Path, retry_after: float | None, next_refresh_in: float | None, header: str | None
+) -> None:
+    """When the service's own bound cuts a wait off, Retry-After comes from the profile's
+    status (its wait for upstream, else its next refresh), rounded up, never 0."""
+    async with running(sockdir, wait_timeout=0.1) as h, h.unix() as c:
+
+        async def never(profile: str, min_valid: float | None, timeout: float) -> Token:
+            await anyio.sleep_forever()
+            raise AssertionError
+
+        h.source.on_get = never
+        if retry_after is not None:
+            h.source.retry_after["default"] = retry_after
+        if next_refresh_in is not None:
+            h.source.next_refresh_in["default"] = next_refresh_in
+        h.source.retry_after["other"] = 999.0  # another profile's status is not mixed in
+        r = await c.get("/v1/token?min_valid=1801")
+    assert (r.status, r.headers.get("retry-after")) == (503, header)
+
+
+async def test_min_valid_beyond_the_lifetime_is_400(h: Harness) -> None:
+    """A min_valid no token can ever meet (the engine's client_error) is the client's to
+    change: 400 min-valid-too-large saying to ask for less, without Retry-After."""
+
+    async def too_long(profile: str, min_valid: float | None, timeout: float) -> Token:
+        raise TokenUnavailable(
+            f"profile {profile!r}: tokens from the token endpoint live 1800 s, less than the "
+            "99999 s asked for; ask for less (min_valid)",
+            profile=profile,
+            retry_after=5,
+            client_error=True,
+        )
+
+    h.source.on_get = too_long
+    async with h.unix() as c:
+        r = await c.get("/v1/token?min_valid=99999")
+    body = r.json()
+    assert (r.status, body["type"]) == (400, "urn:colt-broker:problem:min-valid-too-large")
+    assert "99999" in body["detail"] and "ask for less" in body["detail"]
+    assert "will not help" in body["detail"]
+    assert body["profile"] == "default" and "retry-after" not in r.headers
+
+
 async def test_source_key_error_is_404(h: Harness) -> None:
     """A configured profile the engine does not know is a 404, not a crash."""
     h.source.tokens.pop("other")

@@ -10,7 +10,14 @@ from pathlib import Path
 import anyio
 import pytest
 from _fake_source import FakeClock, FakeSource
-from _http_harness import Client, Harness, default_profiles, running, short_tmpdir
+from _http_harness import (
+    Client,
+    Harness,
+    default_profiles,
+    running,
+    short_tmpdir,
+    wait_until,
+)
 from anyio.abc import TaskStatus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +25,7 @@ from hypothesis import strategies as st
 from broker._http import HttpService, Limits, open_unix_listener
 from broker._http._deadline import Deadline
 from broker._http._request import split_target
-from broker._metrics import Metrics
+from broker._metrics import NO_PROFILE, Metrics
 from broker._token import Token
 
 pytestmark = pytest.mark.anyio
@@ -291,6 +298,40 @@ async def test_max_connections(sockdir: Path) -> None:
         assert _statuses(raw) == [503] and b"Retry-After: 1" in raw
         for c in admitted:
             assert (await c.get("/v1/token")).status == 200
+
+
+async def test_tcp_flood_leaves_the_unix_socket_served(sockdir: Path) -> None:
+    """Idle TCP connections without the key can take only 3/4 of max_connections: past
+    that TCP gets 503 and a close, while the Unix socket still serves its reserve."""
+    limits = Limits(max_connections=8)
+    assert limits.tcp_connections == 6
+    async with running(sockdir, limits=limits) as h, AsyncExitStack() as stack:
+        for _ in range(10):  # idle connections, held open to the end
+            await stack.enter_async_context(h.tcp())
+        await wait_until(
+            "4 TCP connections refused",
+            lambda: h.metrics.requests.get((NO_PROFILE, "tcp", 503)) == 4,
+        )
+        assert h.service.open_connections == 6
+        socket_users = [await stack.enter_async_context(h.unix()) for _ in range(2)]
+        for c in socket_users:
+            assert (await c.get("/v1/token")).status == 200
+        async with h.unix() as one_too_many:  # the total cap still holds
+            assert _statuses(await one_too_many.read_to_eof()) == [503]
+
+
+async def test_overloaded_answer_is_closed_at_once(sockdir: Path) -> None:
+    """A connection past the cap gets its 503 and is closed without the usual linger,
+    so refused connections do not hold descriptors while the client dawdles."""
+    async with running(sockdir, limits=Limits(max_connections=1)) as h, h.unix() as first:
+        assert (await first.get("/healthz")).status == 200
+        async with h.unix() as extra:
+            r = await extra.read_response()
+            assert (r.status, r.headers["connection"]) == (503, "close")
+            assert await extra.read_to_eof() == b""
+            # Fully closed, not half-closed to linger: on a Unix socket, sending now fails.
+            with pytest.raises(anyio.BrokenResourceError):
+                await extra.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
 async def test_client_that_does_not_read_is_paused(h: Harness) -> None:

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from _http_harness import Harness, running, short_tmpdir
+from _http_harness import Harness, curl, running, short_tmpdir
+from structlog.testing import capture_logs
 
 from broker._token import Token
 from broker.exceptions import TokenUnavailable
@@ -48,6 +49,46 @@ async def test_refresh_reports_the_rejected_token(h: Harness, form: str) -> None
     assert h.source.reports == [("default", digest)]
 
 
+@pytest.mark.parametrize(
+    "content_type", [None, "application/x-www-form-urlencoded", "text/plain", "application/json"]
+)
+async def test_refresh_body_is_json_whatever_the_content_type(
+    h: Harness, content_type: str | None
+) -> None:
+    """The body is read as JSON whatever Content-Type says (curl -d sends a form type)."""
+    headers = [] if content_type is None else [("Content-Type", content_type)]
+    async with h.unix() as c:
+        r = await c.request(
+            "POST", "/v1/token/default/refresh", body=b'{"access_token": "x"}', headers=headers
+        )
+    assert r.status == 200 and len(h.source.reports) == 1
+
+
+async def test_curl_d_without_a_content_type(h: Harness) -> None:
+    """`curl -d '{"sha256": "..."}'` as a user types it, with no -H, is accepted."""
+    digest = hashlib.sha256(b"token-default-1").hexdigest()
+    status, body = await curl(
+        "--unix-socket", str(h.socket_path), "-d", f'{{"sha256": "{digest}"}}',
+        "http://localhost/v1/token/default/refresh?format=raw",
+    )  # fmt: skip
+    assert (status, body) == (200, "token-default-1-renewed\n")
+    assert h.source.reports == [("default", digest)]
+
+
+async def test_report_is_logged_at_debug_by_fingerprint(h: Harness) -> None:
+    """The serving layer logs a report at debug (the engine logs the refresh), naming the
+    token by its fingerprint under ``token``."""
+    digest = hashlib.sha256(b"token-default-1").hexdigest()
+    with capture_logs() as logs:
+        async with h.unix() as c:
+            await c.request(
+                "POST", "/v1/token/default/refresh", body=b'{"access_token": "token-default-1"}'
+            )
+    (reported,) = [e for e in logs if e["event"] == "token.reported"]
+    assert (reported["log_level"], reported["token"]) == ("debug", digest[:12])
+    assert "token-default-1" not in repr(logs)
+
+
 async def test_refresh_ignores_other_members(h: Harness) -> None:
     """Members beside the token's name are ignored, so clients may add their own."""
     body = b'{"access_token": "token-default-1", "client": "notebook"}'
@@ -66,8 +107,8 @@ async def test_refresh_ignores_other_members(h: Harness) -> None:
         (b'{"access_token": 5}', "application/json", 400),
         (b'{"access_token": ""}', "application/json", 400),
         (b'{"access_token": "x", "sha256": "' + b"a" * 64 + b'"}', "application/json", 400),
-        (b'{"access_token": "x"}', "text/plain", 415),
         (b"\xff\xfe", "application/json", 400),
+        (b"access_token=token-default-1", "application/x-www-form-urlencoded", 400),
     ],
 )
 async def test_refresh_malformed_bodies(

@@ -4,8 +4,9 @@ TCP: any local user can reach loopback, and a web page can make a browser send r
 it. The Host check defeats DNS rebinding (the page's own name arrives as Host); the required
 ``X-Colt-Broker`` header defeats plain cross-site and server-side-forgery requests, which
 cannot add custom headers; with ``http_auth = "key"`` its value must also be the key that only
-the socket's group can read. ``/healthz`` needs the Host check but not the key, so liveness
-probes work without reading a secret; it tells nothing but "ok".
+the socket's group can read. Every path needs both, ``/healthz`` included (product.md: "every
+TCP request"); a probe without the key can use the Unix socket. A refusal closes the
+connection, so a client without the key cannot hold one open for long.
 
 Unix socket: the file mode decides who connects; SO_PEERCRED tells who did, for the log,
 the metrics and per-profile ``allowed_uids`` / ``allowed_gids`` (either match admits; the
@@ -23,10 +24,9 @@ from dataclasses import dataclass
 from broker._clock import Clock
 from broker._http import _problem
 from broker._http._problem import Problem
+from broker._loopback import is_localhost_name
 from broker._profile import ProfileConfig
 
-_LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"::1"})
-_MAX_PORT_DIGITS = 5
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -56,28 +56,6 @@ def read_peercred(transport: asyncio.BaseTransport) -> PeerCred | None:
     return PeerCred(pid, uid, gid)
 
 
-def split_host(host: bytes) -> bytes | None:
-    """The name part of a Host header value, or None when the port part is malformed."""
-    if host.startswith(b"["):
-        end = host.find(b"]")
-        name, rest = (host[1:end], host[end + 1 :]) if end > 0 else (b"", b"")
-    else:
-        name, sep, port = host.partition(b":")
-        rest = sep + port
-    if rest and not (rest[:1] == b":" and rest[1:].isdigit() and len(rest) <= _MAX_PORT_DIGITS + 1):
-        return None
-    return name
-
-
-def is_loopback_host(host: bytes) -> bool:
-    """Whether a Host header names this machine: localhost, *.localhost, 127.0.0.1, [::1]."""
-    name = split_host(host)
-    if not name:
-        return False
-    name = name.lower().rstrip(b".")
-    return name in _LOOPBACK_NAMES or name.endswith(b".localhost")
-
-
 class TcpGate:
     """The Host and key checks every TCP request passes; the key is compared in constant time."""
 
@@ -87,14 +65,12 @@ class TcpGate:
         self.key_dir = "<the broker's socket directory>"  # for messages; see HttpService
         self._good_hosts: dict[bytes, bool] = {}  # a connection repeats its Host: remember
 
-    def check(self, host: bytes | None, key: bytes | None, path: bytes) -> Problem | None:
+    def check(self, host: bytes | None, key: bytes | None) -> Problem | None:
         """None when the request may proceed, else the refusal."""
         if host is None:
             return _problem.missing_host()
         if not self._host_ok(host):
             return _problem.host_not_loopback(host.decode("latin-1"))
-        if path == b"/healthz":
-            return None
         if not key:
             return _problem.missing_key(self._auth, self.key_dir)
         if self._auth == "key" and not hmac.compare_digest(key, self._key):
@@ -104,7 +80,7 @@ class TcpGate:
     def _host_ok(self, host: bytes) -> bool:
         ok = self._good_hosts.get(host)
         if ok is None:
-            ok = is_loopback_host(host)
+            ok = is_localhost_name(host.decode("latin-1"))
             if len(self._good_hosts) < 64:  # bounded: only ever a handful of honest names
                 self._good_hosts[host] = ok
         return ok

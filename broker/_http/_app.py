@@ -13,7 +13,7 @@ from broker._http._access import TcpGate
 from broker._http._problem import Problem
 from broker._http._render import Renderer
 from broker._http._reply import Replier
-from broker._http._request import ConnInfo, Reply, Request
+from broker._http._request import GET_HEAD, ConnInfo, Reply, Request
 from broker._http._tokens import TokenEndpoints
 from broker._metrics import CONTENT_TYPE, NO_PROFILE, Metrics
 from broker._profile import ProfileConfig
@@ -22,7 +22,6 @@ from broker._status import TokenSource
 log = structlog.get_logger("broker.http")
 
 _TOKEN_PREFIX = b"/v1/token"
-_GET_HEAD = (b"GET", b"HEAD")
 
 Endpoint = Callable[[Request, ConnInfo], bytes]
 
@@ -84,9 +83,7 @@ class App:
     def _route(self, req: Request, conn: ConnInfo) -> Reply:
         if conn.transport == "tcp":
             headers = req.headers
-            refusal = self._gate.check(
-                headers.get(b"host"), headers.get(b"x-colt-broker"), req.path
-            )
+            refusal = self._gate.check(headers.get(b"host"), headers.get(b"x-colt-broker"))
             if refusal is not None:
                 return self._reply.problem(req, conn, NO_PROFILE, refusal)
         path = req.path
@@ -96,7 +93,7 @@ class App:
         if endpoint is None:
             problem = _problem.not_found(path.decode("latin-1"))
             return self._reply.problem(req, conn, NO_PROFILE, problem)
-        if req.method not in _GET_HEAD:
+        if req.method not in GET_HEAD:
             problem = _problem.method_not_allowed(req.method.decode("latin-1"), "GET, HEAD")
             return self._reply.problem(req, conn, NO_PROFILE, problem)
         return endpoint(req, conn)

@@ -6,24 +6,39 @@ connection under a mode more open than ``mode``. (Binding under a temporary name
 would do as much, but ``getsockname()`` would keep the temporary name.) A stale socket left
 by a crash is removed first; one that still answers belongs to a live daemon and is left
 alone; of two daemons racing for the path, the second fails to bind.
+
+The files made here (the socket, ``http-key``, ``curl-headers``) are remembered, so that
+``remove_own_files`` at shutdown deletes them only while they are still the ones this
+process made: never an inherited socket, nor the files of a daemon started meanwhile (its
+socket answers; its key files hold another key). Inode numbers alone would not tell: a
+file system reuses a freed one at once.
 """
 
 from __future__ import annotations
 
 import errno
 import grp
-import ipaddress
+import hashlib
 import os
+import resource
 import secrets
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
+import structlog
+
+from broker._loopback import loopback_ip
+from broker._paths import CURL_HEADERS_FILE, KEY_FILE, MAX_SOCKET_PATH
 from broker.exceptions import ConfigError
 
+log = structlog.get_logger("broker.http")
+
 BACKLOG = 1024
-_MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
-KEY_FILE, CURL_HEADERS_FILE = "http-key", "curl-headers"
+_NOFILE_WHEN_UNLIMITED = 10240  # macOS: OPEN_MAX, the most it accepts under "unlimited"
+_made_sockets: dict[Path, tuple[int, int]] = {}  # path -> (st_dev, st_ino) at bind
+_made_files: dict[Path, bytes] = {}  # path -> SHA-256 of the content written
 
 
 def _gid(group: str, what: str) -> int | None:
@@ -71,19 +86,41 @@ def _is_stale_socket(path: Path) -> bool:
     )
 
 
-def _make_parent(path: Path) -> None:
-    # Only a directory we create is forced to 0750: an existing one (e.g. systemd's
-    # RuntimeDirectory) is the operator's to set.
+def _make_parent(path: Path, gid: int | None, group: str) -> None:
+    """Create the socket's directory 0750 (with ``gid``, so the socket's group may traverse
+    it). An existing one (e.g. systemd's RuntimeDirectory) is the operator's to set: only a
+    group that locks ``gid`` out is reported."""
     parent = path.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, mode=0o750)
+    if parent.exists():
+        _check_group(parent, gid, group)
+        return
+    parent.mkdir(parents=True, mode=0o750)
+    try:
+        if gid is not None:
+            os.chown(parent, -1, gid)
         os.chmod(parent, 0o750)  # noqa: S103  # group may traverse: the product's layout
+    except OSError as exc:
+        raise ConfigError(f"cannot set the mode and group of {parent}: {exc.strerror}") from None
+
+
+def _check_group(directory: Path, gid: int | None, group: str) -> None:
+    if gid is None:
+        return
+    info = directory.stat()
+    if info.st_gid != gid and not info.st_mode & 0o001:
+        log.warning(
+            "socket.directory_group",
+            directory=str(directory),
+            gid=info.st_gid,
+            socket_group=group,
+            hint=f"members of socket_group cannot reach the socket: chgrp {group} {directory}",
+        )
 
 
 def _check_length(path: Path) -> None:
-    if len(os.fsencode(path)) > _MAX_UNIX_PATH:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise ConfigError(
-            f"socket_path {path} is longer than the {_MAX_UNIX_PATH} bytes a Unix socket path "
+            f"socket_path {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path "
             "may have; choose a shorter one"
         )
 
@@ -96,7 +133,7 @@ def open_unix_listener(path: Path, *, mode: int = 0o660, group: str = "") -> soc
     """
     _check_length(path)
     gid = _gid(group, f"the socket {path}")
-    _make_parent(path)
+    _make_parent(path, gid, group)
     if _is_stale_socket(path):
         path.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -120,6 +157,8 @@ def _bind_then_listen(sock: socket.socket, path: Path, mode: int, gid: int | Non
     except OSError as exc:
         path.unlink(missing_ok=True)
         raise ConfigError(f"cannot set the mode and group of {path}: {exc.strerror}") from None
+    info = path.lstat()
+    _made_sockets[path] = (info.st_dev, info.st_ino)
     sock.listen(BACKLOG)
 
 
@@ -128,11 +167,8 @@ def open_tcp_listener(host: str, port: int) -> socket.socket:
 
     ``port`` 0 binds an ephemeral port (read it back with ``getsockname()``).
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if address is None or not address.is_loopback:
+    address = loopback_ip(host)
+    if address is None:
         raise ConfigError(
             f"http_host {host!r} is not a loopback address; colt-broker serves tokens on "
             '127.0.0.1 or ::1 only (set http_host = "127.0.0.1")'
@@ -143,7 +179,7 @@ def open_tcp_listener(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
+        sock.bind((str(address), port))
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
@@ -184,3 +220,72 @@ def _atomic_write(path: Path, text: str, gid: int | None) -> None:
         raise
     os.close(fd)
     os.replace(temp, path)
+    _made_files[path] = hashlib.sha256(text.encode()).digest()
+
+
+def remove_own_files(socket_path: Path | None, key_dir: Path) -> None:
+    """At a clean stop: remove the socket (unless None: an inherited one is systemd's) and
+    the key files in ``key_dir``, so no client reads a key that no longer opens anything.
+
+    Call it once the listeners are closed: a file is removed only while it is still the one
+    this process made, and a socket that answers is taken for another daemon's. Failures
+    are logged, never raised (the daemon is stopping anyway).
+    """
+    if socket_path is not None:
+        _remove_if(socket_path, _socket_is_ours)
+    for name in (KEY_FILE, CURL_HEADERS_FILE):
+        _remove_if(key_dir / name, _file_is_ours)
+
+
+def _remove_if(path: Path, ours: Callable[[Path], bool]) -> None:
+    try:
+        if ours(path):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("files.remove_failed", path=str(path), error=exc.strerror)
+
+
+def _socket_is_ours(path: Path) -> bool:
+    """The socket we bound, and nobody listens on it (``_is_stale_socket`` raises if live)."""
+    made = _made_sockets.pop(path, None)
+    info = path.lstat()
+    if made != (info.st_dev, info.st_ino):
+        return False
+    try:
+        return _is_stale_socket(path)
+    except ConfigError:  # live (another daemon's), or not a socket any more: not ours
+        return False
+
+
+def _file_is_ours(path: Path) -> bool:
+    made = _made_files.pop(path, None)
+    return made is not None and hashlib.sha256(path.read_bytes()).digest() == made
+
+
+def nofile_limit() -> int:
+    """The soft limit on open descriptors, as a number (an "unlimited" one counted as the
+    most a process may ask for where that is the case)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return _NOFILE_WHEN_UNLIMITED if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft limit on open descriptors (RLIMIT_NOFILE) to the hard limit, and
+    return the soft limit now in force: ``Limits.for_nofile(raise_nofile_limit())``.
+
+    The usual soft limit, 1024, is a relic of select(); the event loop uses epoll/kqueue.
+    Where the limit cannot be raised (a seccomp filter, a platform cap) the current one is
+    returned, and the connection cap follows it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NOFILE_WHEN_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return nofile_limit()
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("nofile.not_raised", soft=soft, hard=hard, error=str(exc))
+        return soft
+    return target

@@ -1,5 +1,9 @@
 """Problem responses (RFC 9457): every refusal says what went wrong and what to do next.
 
+The TCP gate's refusals (no Host, a foreign Host, no key, a wrong key) close the connection:
+loopback TCP is open to every local user, and one without the key must not be able to hold
+connections (and the daemon's descriptors) open by repeating refused requests.
+
 Broker-specific problems carry a stable ``type`` URI, ``urn:colt-broker:problem:<kind>``, that
 clients may switch on; plain HTTP failures (404 path, 405, malformed requests) use
 ``about:blank``. ``detail`` is written for the person at the terminal. Nothing here ever
@@ -111,14 +115,6 @@ def bad_request(detail: str, *, close: bool = False, profile: str | None = None)
     return Problem(400, "Bad Request", detail, profile=profile, close=close)
 
 
-def unsupported_media_type(content_type: str, profile: str) -> Problem:
-    detail = (
-        f"The body must be application/json, not {clip(content_type)!r}: "
-        "add -H 'Content-Type: application/json'."
-    )
-    return Problem(415, "Unsupported Media Type", detail, profile=profile)
-
-
 def content_too_large(limit: int) -> Problem:
     detail = f"Request bodies are limited to {limit} bytes; the refresh body is a small JSON."
     return Problem(413, "Content Too Large", detail, close=True)
@@ -137,8 +133,12 @@ def request_timeout(seconds: float) -> Problem:
     return Problem(408, "Request Timeout", detail, close=True)
 
 
-def overloaded(limit: int) -> Problem:
-    detail = f"The broker is serving its maximum of {limit} connections; try again shortly."
+def overloaded(limit: int, *, transport: str = "") -> Problem:
+    """503 for a connection past the cap (``transport`` "TCP": past the TCP share)."""
+    which = f"{transport} connections" if transport else "connections"
+    detail = f"The broker is serving its maximum of {limit} {which}; try again shortly."
+    if transport:
+        detail += " The Unix socket keeps connections of its own in reserve."
     return Problem(
         503, "Too many connections", detail, kind="overloaded", retry_after=1, close=True
     )
@@ -157,11 +157,13 @@ def host_not_loopback(host: str) -> Problem:
         f"Host {clip(host)!r} is not a loopback name (DNS rebinding protection). "
         "Address the broker as 127.0.0.1, [::1] or localhost."
     )
-    return Problem(403, "Host not allowed", detail, kind="host-not-loopback")
+    return Problem(403, "Host not allowed", detail, kind="host-not-loopback", close=True)
 
 
 def missing_host() -> Problem:
-    return bad_request("The Host header is missing; HTTP/1.1 requests over TCP must carry one.")
+    return bad_request(
+        "The Host header is missing; HTTP/1.1 requests over TCP must carry one.", close=True
+    )
 
 
 def missing_key(auth: str, key_dir: str) -> Problem:
@@ -173,7 +175,12 @@ def missing_key(auth: str, key_dir: str) -> Problem:
     detail = f"Requests over TCP must carry the {KEY_HEADER} header: {how}."
     challenge = (("WWW-Authenticate", f'{KEY_HEADER} header="{KEY_HEADER}"'),)
     return Problem(
-        401, "Missing X-Colt-Broker header", detail, kind="missing-key", headers=challenge
+        401,
+        "Missing X-Colt-Broker header",
+        detail,
+        kind="missing-key",
+        headers=challenge,
+        close=True,
     )
 
 
@@ -182,7 +189,7 @@ def wrong_key(key_dir: str) -> Problem:
         f"The {KEY_HEADER} header does not match the broker's key, which is made anew at "
         f"every start: re-read {key_dir}/http-key, or use -H @{key_dir}/curl-headers."
     )
-    return Problem(403, "Wrong X-Colt-Broker key", detail, kind="wrong-key")
+    return Problem(403, "Wrong X-Colt-Broker key", detail, kind="wrong-key", close=True)
 
 
 def peer_not_allowed(profile: str, who: str) -> Problem:
@@ -204,7 +211,13 @@ def tcp_not_allowed(profile: str, socket_hint: str) -> Problem:
 
 def token_unavailable(exc: TokenUnavailable, profile: str) -> Problem:
     """503 (or the error's own status) from the engine's ``TokenUnavailable``, upstream detail
-    included: the upstream HTTP status, Colt's code/reason/message and the tracking id."""
+    included: the upstream HTTP status, Colt's code/reason/message and the tracking id.
+
+    A request no token could ever satisfy (``exc.client_error``: a min_valid beyond the
+    tokens' lifetime) is the client's to change: 400, without Retry-After.
+    """
+    if getattr(exc, "client_error", False):  # getattr: set by engines that know the case
+        return min_valid_too_large(str(exc), profile)
     cause = exc.cause
     kind = cause.kind if isinstance(cause, UpstreamError) else "token-unavailable"
     advice = _ADVICE.get(kind, _DEFAULT_ADVICE)
@@ -225,12 +238,27 @@ def token_unavailable(exc: TokenUnavailable, profile: str) -> Problem:
     )
 
 
-def wait_timed_out(profile: str, seconds: float) -> Problem:
+def min_valid_too_large(message: str, profile: str) -> Problem:
+    """400: ``message`` (the engine's) names the tokens' lifetime and asks for less."""
+    detail = f"{_sentence(message)} Retrying the same request will not help."
+    return Problem(400, "min_valid too large", detail, kind="min-valid-too-large", profile=profile)
+
+
+def wait_timed_out(profile: str, seconds: float, retry_after: float | None = None) -> Problem:
+    """503 when the broker's own bound on a wait passed; ``retry_after``: when the engine
+    expects to try upstream next, if it knows."""
     detail = (
         f"No token with the requested validity arrived within {seconds:g} seconds. "
         f"{_DEFAULT_ADVICE}"
     )
-    return Problem(503, "Token unavailable", detail, kind="token-unavailable", profile=profile)
+    return Problem(
+        503,
+        "Token unavailable",
+        detail,
+        kind="token-unavailable",
+        profile=profile,
+        retry_after=retry_after,
+    )
 
 
 def _sentence(text: str) -> str:

@@ -11,7 +11,8 @@ body size are capped; one timer per connection closes a client that is slow to s
 request or idle too long; a client that does not read its responses has its reading paused
 (input is parsed in slices, so a pipelined burst cannot make unbounded output); any
 malformed input gets a 400 and a close. A final response is followed by a half-close and a
-short linger, so the client reads it instead of a connection reset.
+short linger, so the client reads it instead of a connection reset; a connection past the
+``Pool``'s budget gets its 503 and is closed at once, so a flood cannot hold descriptors.
 """
 
 from __future__ import annotations
@@ -26,16 +27,25 @@ import httptools
 
 from broker._http import _problem
 from broker._http._deadline import Deadline
+from broker._http._pool import Pool
 from broker._http._problem import Problem
 from broker._http._render import CONN_CLOSE, CONN_DEFAULT, CONN_KEEP_ALIVE
-from broker._http._request import ConnInfo, Handler, Limits, Request, conn_info, split_target
+from broker._http._request import (
+    ConnInfo,
+    Handler,
+    Limits,
+    Request,
+    Transport,
+    conn_info,
+    split_target,
+)
 
 SLICE = 4096  # bytes parsed between checks for backpressure
 MAX_PIPELINE = 64  # unanswered requests per connection before reading pauses
 LINGER = 2.0  # seconds to wait for the client to close after our final response
 _KEPT_HEADERS = frozenset(
-    {b"host", b"x-colt-broker", b"accept", b"content-type", b"content-length",
-     b"transfer-encoding", b"expect"}
+    {b"host", b"x-colt-broker", b"accept", b"content-length", b"transfer-encoding",
+     b"expect"}
 )  # fmt: skip
 _FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
 # Header names as clients usually spell them -> lower case, sparing a .lower() per header.
@@ -45,23 +55,6 @@ _COMMON_NAMES = {
                      b"Content-Length", b"Connection", b"Accept-Encoding")
 }  # fmt: skip
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class Pool:
-    """The open connections of one service (all listeners): the max_connections cap."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open: set[HttpProtocol] = set()
-
-    def admit(self, protocol: HttpProtocol) -> bool:
-        if len(self.open) >= self.limit:
-            return False
-        self.open.add(protocol)
-        return True
-
-    def release(self, protocol: HttpProtocol) -> None:
-        self.open.discard(protocol)
 
 
 class _Refused(Exception):  # a signal out of a parser callback, not an error
@@ -80,7 +73,7 @@ class HttpProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection."""
 
     def __init__(
-        self, handler: Handler, pool: Pool, kind: str, limits: Limits, tag: object
+        self, handler: Handler, pool: Pool, kind: Transport, limits: Limits, tag: object
     ) -> None:
         self.tag = tag  # which listener accepted it, for shutdown
         self._handler, self._pool, self._kind, self._limits = handler, pool, kind, limits
@@ -113,10 +106,13 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self.conn = conn_info(self._kind, self._transport)
-        if not self._pool.admit(self):
-            problem = _problem.overloaded(self._pool.limit)
-            self._stopped = True
-            self._write(self._handler.refuse(problem, self.conn), close=True)
+        refusal = self._pool.admit(self, self._kind)
+        if refusal is not None:
+            # Closed at once, without the usual linger: a flood of refused connections must
+            # not hold descriptors, and this answer may be lost to a reset at worst.
+            self._stopped = self._closing = True
+            self._transport.write(self._handler.refuse(refusal, self.conn))
+            self._transport.close()
             return
         self._handler.connected(self.conn)
         self._deadline.set(self._loop.time() + self._limits.header_timeout)
@@ -127,7 +123,7 @@ class HttpProtocol(asyncio.Protocol):
         self._deadline.cancel()
         for task in list(self._tasks):
             task.cancel()
-        self._pool.release(self)
+        self._pool.release(self, self._kind)
 
     def data_received(self, data: bytes) -> None:
         if self._stopped:
@@ -165,6 +161,8 @@ class HttpProtocol(asyncio.Protocol):
     # --- parser callbacks (httptools) --------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._stopped:  # a pipelined request after one whose answer closes: not read
+            raise _Refused
         self._in_request = True
         self._reset_message()
         if self._requests:  # the first request's clock started with the connection
@@ -253,29 +251,34 @@ class HttpProtocol(asyncio.Protocol):
     # --- requests and responses --------------------------------------------------------------
 
     def _dispatch(self, request: Request) -> None:
-        close = request.conn_mode == CONN_CLOSE
         try:
             reply = self._handler.handle(request, self.conn)
         except Exception as exc:  # the handler should not raise; never let it kill the parser
-            reply, close = self._handler.crashed(exc, self.conn), True
-        if isinstance(reply, bytes):
-            self._send(reply, close)
-        else:
-            self._defer(reply, close)
+            reply, request.conn_mode = self._handler.crashed(exc, self.conn), CONN_CLOSE
+        if not isinstance(reply, bytes):
+            self._defer(reply, request)
+            return
+        close = request.conn_mode == CONN_CLOSE  # the handler may have decided to close
+        self._stopped = self._stopped or close
+        self._send(reply, close)
 
-    def _defer(self, reply: Coroutine[Any, Any, bytes], close: bool) -> None:
-        slot = _Slot(None, close)
+    def _defer(self, reply: Coroutine[Any, Any, bytes], request: Request) -> None:
+        slot = _Slot(None, request.conn_mode == CONN_CLOSE)
         self._queue.append(slot)
-        task = self._loop.create_task(self._complete(slot, reply))
+        task = self._loop.create_task(self._complete(slot, reply, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._settle()
 
-    async def _complete(self, slot: _Slot, reply: Coroutine[Any, Any, bytes]) -> None:
+    async def _complete(
+        self, slot: _Slot, reply: Coroutine[Any, Any, bytes], request: Request
+    ) -> None:
         try:
             slot.data = await reply
         except Exception as exc:  # as in _dispatch: a bug answers 500 (others carry on)
-            slot.data, slot.close = self._handler.crashed(exc, self.conn), True
+            slot.data, request.conn_mode = self._handler.crashed(exc, self.conn), CONN_CLOSE
+        if request.conn_mode == CONN_CLOSE:
+            slot.close = self._stopped = True
         self._flush()
 
     def _send(self, data: bytes, close: bool) -> None:

@@ -46,6 +46,8 @@ class Replier:
         if req is None or problem.status in _REFUSALS:
             self._log_refusal(req, conn, problem)
         head = req is not None and req.method == b"HEAD"
+        if req is not None and problem.close:
+            req.conn_mode = CONN_CLOSE  # tells the protocol to close after this answer
         mode = CONN_CLOSE if req is None else req.conn_mode
         data = self.renderer.problem(problem, mode, head=head)
         return self.counted(conn, label, problem.status, data)

@@ -15,9 +15,10 @@ from anyio.abc import TaskStatus
 from broker._clock import SYSTEM_CLOCK, Clock
 from broker._http._access import TcpGate
 from broker._http._app import App
-from broker._http._listeners import BACKLOG
-from broker._http._protocol import HttpProtocol, Pool
-from broker._http._request import Limits
+from broker._http._listeners import nofile_limit
+from broker._http._pool import Pool
+from broker._http._protocol import HttpProtocol
+from broker._http._request import Limits, Transport
 from broker._metrics import Metrics
 from broker._profile import ProfileConfig
 from broker._status import TokenSource
@@ -25,7 +26,6 @@ from broker.exceptions import ConfigError
 
 log = structlog.get_logger("broker.http")
 
-Transport = Literal["unix", "tcp"]
 _SHUTDOWN_WAIT = 1.0  # seconds to let the server object finish closing
 
 
@@ -33,7 +33,9 @@ class HttpService:
     """The HTTP API (product.md, "HTTP API" and "Who may ask") on any number of sockets.
 
     ``socket_path`` only improves messages: refusals name ``<dir>/curl-headers`` and the
-    socket to use; when it is not given, the first Unix socket served supplies it.
+    socket to use; when it is not given, the first Unix socket served supplies it. Without
+    ``limits``, the connection budget follows the process's descriptor limit as it is now
+    (``Limits.for_nofile``): raise it first (``raise_nofile_limit``).
     """
 
     def __init__(
@@ -46,7 +48,7 @@ class HttpService:
         http_key: str,
         metrics: Metrics,
         clock: Clock = SYSTEM_CLOCK,
-        limits: Limits = Limits(),  # noqa: B008  # frozen dataclass: a safe shared default
+        limits: Limits | None = None,
         wait_timeout: float = 15.0,
         socket_path: Path | None = None,
     ) -> None:
@@ -54,8 +56,10 @@ class HttpService:
             raise ConfigError(f'http_auth must be "key" or "none", not {http_auth!r}')
         if http_auth == "key" and not http_key:
             raise ConfigError('http_auth = "key" needs a key (broker._http.new_http_key())')
+        if limits is None:
+            limits = Limits.for_nofile(nofile_limit())
         self._limits = limits
-        self._pool = Pool(limits.max_connections)
+        self._pool = Pool(limits.max_connections, limits.tcp_connections)
         self._socket_path = socket_path
         self._app = App(
             source,
@@ -67,6 +71,11 @@ class HttpService:
         self._app.update(profiles, default_profile)
         if socket_path is not None:
             self._app.locate(socket_path)
+
+    @property
+    def limits(self) -> Limits:
+        """What requests may cost and how many connections may be open."""
+        return self._limits
 
     @property
     def open_connections(self) -> int:
@@ -117,9 +126,11 @@ class HttpService:
         def factory() -> HttpProtocol:
             return HttpProtocol(self._app, self._pool, transport, self._limits, tag)
 
+        # The backlog bounds one accept burst (asyncio accepts up to this many at a time).
+        backlog = self._limits.backlog
         if transport == "unix":
-            return await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG)
-        return await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            return await loop.create_unix_server(factory, sock=sock, backlog=backlog)
+        return await loop.create_server(factory, sock=sock, backlog=backlog)
 
 
 def _address(sock: socket.socket) -> str:

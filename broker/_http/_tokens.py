@@ -12,7 +12,7 @@ import asyncio
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import structlog
@@ -23,16 +23,15 @@ from broker._http._access import peer_allowed
 from broker._http._problem import Problem
 from broker._http._render import FORMAT_JSON, FORMAT_RAW, TokenResponses, strip_body
 from broker._http._reply import Replier, debug_enabled
-from broker._http._request import ConnInfo, Reply, Request
+from broker._http._request import GET_HEAD, ConnInfo, Reply, Request
 from broker._metrics import UNKNOWN_PROFILE
 from broker._profile import ProfileConfig
-from broker._status import TokenSource
+from broker._status import ProfileStatus, TokenSource
 from broker._token import Token, sha256_hex
 from broker.exceptions import TokenUnavailable
 
 log = structlog.get_logger("broker.http")
 
-_GET_HEAD = (b"GET", b"HEAD")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _REFRESH_BODY = 'the body must be JSON: {"access_token": "..."} or {"sha256": "<64 hex digits>"}'
 
@@ -78,16 +77,12 @@ def _seconds(text: str) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
-def _is_json(content_type: bytes) -> bool:
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or media.endswith(b"+json")
+def parse_rejected(body: bytes, profile: str) -> str | Problem:
+    """The hex SHA-256 of the token a refresh request names, or why the body is unusable.
 
-
-def parse_rejected(headers: Mapping[bytes, bytes], body: bytes, profile: str) -> str | Problem:
-    """The hex SHA-256 of the token a refresh request names, or why the body is unusable."""
-    content_type = headers.get(b"content-type")
-    if content_type is not None and not _is_json(content_type):
-        return _problem.unsupported_media_type(content_type.decode("latin-1"), profile)
+    The body is read as JSON whatever its Content-Type says: ``curl -d`` labels it
+    ``application/x-www-form-urlencoded``, and the body's shape is what matters.
+    """
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -99,6 +94,17 @@ def parse_rejected(headers: Mapping[bytes, bytes], body: bytes, profile: str) ->
         if isinstance(digest, str) and _HEX64.fullmatch(digest) and token is None:
             return digest.lower()
     return _problem.bad_request(f"Unusable body: {_REFRESH_BODY}.", profile=profile)
+
+
+def retry_hint(statuses: Iterable[ProfileStatus], profile: str) -> float | None:
+    """When to ask again for ``profile``: its wait for upstream (``retry_after``), else its
+    next refresh; None when the status tells neither."""
+    for status in statuses:
+        if status.profile == profile:
+            if status.retry_after is not None:
+                return status.retry_after
+            return status.next_refresh_in
+    return None
 
 
 class TokenEndpoints:
@@ -144,7 +150,7 @@ class TokenEndpoints:
     # --- GET -----------------------------------------------------------------------------
 
     def _get(self, req: Request, conn: ConnInfo, name: bytes | None) -> Reply:
-        if req.method not in _GET_HEAD:
+        if req.method not in GET_HEAD:
             problem = _problem.method_not_allowed(req.method.decode("latin-1"), "GET, HEAD")
             return self._reply.problem(req, conn, UNKNOWN_PROFILE, problem)
         profile = self._admit(req, conn, name)
@@ -205,9 +211,7 @@ class TokenEndpoints:
         if not conn.took_token:
             self._first_token(conn, profile, token)
         elif conn.debug:
-            log.debug(
-                "token.served", profile=profile, fingerprint=token.fingerprint, peer=conn.address
-            )
+            log.debug("token.served", profile=profile, token=token.fingerprint, peer=conn.address)
         return self._reply.counted(conn, profile, 200, data)
 
     def _first_token(self, conn: ConnInfo, profile: str, token: Token) -> None:
@@ -215,7 +219,7 @@ class TokenEndpoints:
         fields: dict[str, object] = {"transport": conn.transport, "peer": conn.address}
         if conn.peer is not None:
             fields.update(uid=conn.peer.uid, gid=conn.peer.gid, pid=conn.peer.pid)
-        log.info("peer.first_token", profile=profile, fingerprint=token.fingerprint, **fields)
+        log.info("peer.first_token", profile=profile, token=token.fingerprint, **fields)
 
     async def _wait(
         self, req: Request, conn: ConnInfo, profile: str, min_valid: float | None, fmt: str
@@ -249,15 +253,18 @@ class TokenEndpoints:
         except KeyError:
             return self._unknown(req, conn, profile)
         except TimeoutError:
-            return self._reply.problem(
-                req, conn, profile, _problem.wait_timed_out(profile, self._wait_timeout)
-            )
+            return self._timed_out(req, conn, profile)
         now = self._clock.monotonic()
         if token.expires_at <= now:  # never serve an expired token, whatever the engine says
-            return self._reply.problem(
-                req, conn, profile, _problem.wait_timed_out(profile, self._wait_timeout)
-            )
+            return self._timed_out(req, conn, profile)
         return self._serve(req, conn, profile, token, fmt=fmt, now=now)
+
+    def _timed_out(self, req: Request, conn: ConnInfo, profile: str) -> bytes:
+        """The safety net gave up on the engine: 503, with Retry-After if the engine's
+        status says when it next tries upstream."""
+        retry_after = retry_hint(self._source.status(), profile)
+        problem = _problem.wait_timed_out(profile, self._wait_timeout, retry_after)
+        return self._reply.problem(req, conn, profile, problem)
 
     def _unknown(self, req: Request, conn: ConnInfo, profile: str) -> bytes:
         problem = _problem.unknown_profile(profile, self._source.profiles)
@@ -279,8 +286,9 @@ class TokenEndpoints:
         options = parse_options(req.query, req.headers.get(b"accept"))
         if isinstance(options, Problem):
             return self._reply.problem(req, conn, profile, options)
-        digest = parse_rejected(req.headers, req.body, profile)
+        digest = parse_rejected(req.body, profile)
         if isinstance(digest, Problem):
             return self._reply.problem(req, conn, profile, digest)
-        log.info("token.reported", profile=profile, fingerprint=digest[:12], peer=conn.address)
+        # Debug: the engine logs the report that leads to a refresh (token.reported_rejected).
+        log.debug("token.reported", profile=profile, token=digest[:12], peer=conn.address)
         return self._report(req, conn, profile, digest, options[1])
