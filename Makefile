@@ -31,9 +31,24 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker tests
-	$(BIN)/ruff format --check broker tests
+	$(BIN)/ruff check broker tests bench
+	$(BIN)/ruff format --check broker tests bench
 	$(BIN)/mypy
+
+# The benchmark (bench/README.md), about 8 minutes. BENCH_ARGS=--quick: a one-minute smoke run;
+# BENCH_ARGS=--profile: also a py-spy profile. Debian's nginx and wrk are installed when missing.
+BENCH_ARGS ?=
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+bench: $(STAMP)
+	@for tool in nginx wrk taskset cc; do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null || missing=1; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk util-linux gcc; \
+	fi
+	$(BIN)/pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # Minutes of mixed load with upstream faults against a real daemon (not part of CI).
 SOAK_SECONDS ?= 600
@@ -41,8 +56,8 @@ soak: $(STAMP)
 	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
 
 fmt: $(STAMP)
-	$(BIN)/ruff format broker tests
-	$(BIN)/ruff check --fix broker tests
+	$(BIN)/ruff format broker tests bench
+	$(BIN)/ruff check --fix broker tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info
