@@ -137,6 +137,14 @@ class Metrics:
         """One HTTP response (hot path: a dict increment)."""
         _bump(self.requests, (profile, transport, status), (OTHER, transport, status))
 
+    def request_key(self, profile: str, transport: str, status: int) -> tuple[object, ...]:
+        """The key ``observe_request`` would count under, for callers that count it themselves
+        (``requests[key] = requests.get(key, 0) + 1``): the label cap decides it now."""
+        key: tuple[object, ...] = (profile, transport, status)
+        if key in self.requests or len(self.requests) < MAX_LABEL_SETS:
+            return key
+        return (OTHER, transport, status)
+
     def observe_peer(self, uid: int, gid: int) -> None:
         """One Unix socket connection from ``uid``/``gid``."""
         _bump(self.peers, (uid, gid), (OTHER, OTHER))

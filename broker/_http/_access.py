@@ -60,29 +60,29 @@ class TcpGate:
     """The Host and key checks every TCP request passes; the key is compared in constant time."""
 
     def __init__(self, auth: str, key: str) -> None:
-        self._auth = auth
-        self._key = key.encode()
+        self.auth = auth
+        self.key = key.encode()
         self.key_dir = "<the broker's socket directory>"  # for messages; see HttpService
-        self._good_hosts: dict[bytes, bool] = {}  # a connection repeats its Host: remember
+        self.good_hosts: dict[bytes, bool] = {}  # a connection repeats its Host: remember
 
     def check(self, host: bytes | None, key: bytes | None) -> Problem | None:
         """None when the request may proceed, else the refusal."""
         if host is None:
             return _problem.missing_host()
-        if not self._host_ok(host):
+        if not self.host_ok(host):
             return _problem.host_not_loopback(host.decode("latin-1"))
         if not key:
-            return _problem.missing_key(self._auth, self.key_dir)
-        if self._auth == "key" and not hmac.compare_digest(key, self._key):
+            return _problem.missing_key(self.auth, self.key_dir)
+        if self.auth == "key" and not hmac.compare_digest(key, self.key):
             return _problem.wrong_key(self.key_dir)
         return None
 
-    def _host_ok(self, host: bytes) -> bool:
-        ok = self._good_hosts.get(host)
+    def host_ok(self, host: bytes) -> bool:
+        ok = self.good_hosts.get(host)
         if ok is None:
             ok = is_localhost_name(host.decode("latin-1"))
-            if len(self._good_hosts) < 64:  # bounded: only ever a handful of honest names
-                self._good_hosts[host] = ok
+            if len(self.good_hosts) < 64:  # bounded: only ever a handful of honest names
+                self.good_hosts[host] = ok
         return ok
 
 

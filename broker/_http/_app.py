@@ -10,8 +10,9 @@ import structlog
 from broker._clock import Clock
 from broker._http import _problem
 from broker._http._access import TcpGate
+from broker._http._hot import HotTokens, Lane
 from broker._http._problem import Problem
-from broker._http._render import Renderer
+from broker._http._render import Renderer, TokenResponses
 from broker._http._reply import Replier
 from broker._http._request import GET_HEAD, ConnInfo, Reply, Request
 from broker._http._tokens import TokenEndpoints
@@ -46,6 +47,7 @@ class App:
         self._metrics = metrics
         self._reply = Replier(Renderer(clock), metrics, clock)
         self._tokens = TokenEndpoints(source, self._reply, clock=clock, wait_timeout=wait_timeout)
+        self._hot = HotTokens(source, TokenResponses(self._reply.renderer), gate, metrics, clock)
         self._endpoints: dict[bytes, Endpoint] = {
             b"/v1/status": self._status,
             b"/healthz": self._healthz,
@@ -55,6 +57,7 @@ class App:
 
     def update(self, profiles: Mapping[str, ProfileConfig], default_profile: str | None) -> None:
         self._tokens.update(profiles, default_profile)
+        self._hot.update(profiles, default_profile)
 
     def locate(self, socket_path: Path) -> None:
         """Where the Unix socket and key files are, for refusal messages that say what to do."""
@@ -66,6 +69,9 @@ class App:
     def connected(self, conn: ConnInfo) -> None:
         if conn.peer is not None:
             self._metrics.observe_peer(conn.peer.uid, conn.peer.gid)
+
+    def lane(self, conn: ConnInfo) -> Lane:
+        return self._hot.lane(conn)
 
     def handle(self, request: Request, conn: ConnInfo) -> Reply:
         return self._route(request, conn)

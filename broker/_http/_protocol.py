@@ -27,6 +27,7 @@ import httptools
 
 from broker._http import _problem
 from broker._http._deadline import Deadline
+from broker._http._hot import Choice, Lane
 from broker._http._pool import Pool
 from broker._http._problem import Problem
 from broker._http._render import CONN_CLOSE, CONN_DEFAULT, CONN_KEEP_ALIVE
@@ -42,17 +43,21 @@ from broker._http._request import (
 
 SLICE = 4096  # bytes parsed between checks for backpressure
 MAX_PIPELINE = 64  # unanswered requests per connection before reading pauses
+MAX_REPLAY = 2048  # longest request remembered for replay (see _remember)
 LINGER = 2.0  # seconds to wait for the client to close after our final response
 _KEPT_HEADERS = frozenset(
     {b"host", b"x-colt-broker", b"accept", b"content-length", b"transfer-encoding",
-     b"expect"}
+     b"expect", b"connection", b"proxy-connection"}
 )  # fmt: skip
 _FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
-# Header names as clients usually spell them -> lower case, sparing a .lower() per header.
+_CONNECTION_HEADERS = frozenset({b"connection", b"proxy-connection"})
+# Header names as clients usually spell them -> the kept name in lower case, or b"" for one
+# the broker ignores: a dict lookup instead of a .lower() and a set test per header.
 _COMMON_NAMES = {
-    spelling: spelling.lower()
+    spelling: spelling.lower() if spelling.lower() in _KEPT_HEADERS else b""
     for spelling in (b"Host", b"User-Agent", b"Accept", b"X-Colt-Broker", b"Content-Type",
-                     b"Content-Length", b"Connection", b"Accept-Encoding")
+                     b"Content-Length", b"Connection", b"Accept-Encoding", b"host",
+                     b"user-agent", b"accept", b"x-colt-broker", b"connection")
 }  # fmt: skip
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -82,7 +87,10 @@ class HttpProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._head_limit = limits.max_request_line + limits.max_header_bytes + 1024
         self.conn = ConnInfo(kind, None, "")
-        self._reset_message()
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._headers_left = self._header_room = self._head_bytes = 0
+        self._body: bytearray | None = None
         self._in_request = self._in_body = False
         self._method, self._conn_mode, self._requests = b"", CONN_DEFAULT, 0
         self._queue: deque[_Slot] = deque()
@@ -94,12 +102,12 @@ class HttpProtocol(asyncio.Protocol):
         self._unfed_pos = 0
         self._refusal: Problem | None = None
         self._deadline = Deadline(self._loop, self._expire)
-
-    def _reset_message(self) -> None:
-        self._url = b""
-        self._headers: dict[bytes, bytes] = {}
-        self._header_count = self._header_bytes = self._head_bytes = 0
-        self._body: bytearray | None = None
+        self._lane = cast(Lane, None)  # set in connection_made
+        self._hot = False  # the request in parsing may take the hot lane
+        self._served = self._idle_mark = 0  # hot answers, and their count when idling began
+        self._timed = 0  # the request whose header deadline is set
+        self._replay: bytes = b""  # see _remember
+        self._replay_choice: Choice = (None, None)
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -115,6 +123,7 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.close()
             return
         self._handler.connected(self.conn)
+        self._lane = self._handler.lane(self.conn)
         self._deadline.set(self._loop.time() + self._limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,13 +135,46 @@ class HttpProtocol(asyncio.Protocol):
         self._pool.release(self, self._kind)
 
     def data_received(self, data: bytes) -> None:
+        if data == self._replay and not (
+            self._queue
+            or self._in_request
+            or self._write_paused
+            or self._stopped
+            or self._unfed is not None
+        ):
+            reply = self._lane.serve(self._replay_choice)
+            if reply is not None:
+                self._transport.write(reply)
+                self._served += 1
+                self._requests += 1
+                return
         if self._stopped:
             return  # after the final response: discard until the client closes
-        if self._unfed is None and len(data) <= SLICE and not self._blocked():
+        if (
+            self._unfed is None
+            and len(data) <= SLICE
+            and not self._write_paused
+            and len(self._queue) < MAX_PIPELINE
+        ):
+            served, requests = self._served, self._requests
             self._feed(data)
+            if self._served != served:
+                self._remember(data, served, requests)
             return
         self._stash(data)
         self._pump()
+
+    def _remember(self, data: bytes, served: int, requests: int) -> None:
+        """``data`` was one whole request, answered from the hot lane: the same bytes again
+        on this connection (what keep-alive clients send) get the same answer without
+        parsing. Their every check passed for these very bytes; the token is checked anew."""
+        if (
+            self._served == served + 1
+            and self._requests == requests + 1
+            and not self._in_request
+            and len(data) <= MAX_REPLAY
+        ):
+            self._replay, self._replay_choice = data, self._lane.chosen
 
     def eof_received(self) -> bool:
         if self._closing:
@@ -164,10 +206,10 @@ class HttpProtocol(asyncio.Protocol):
         if self._stopped:  # a pipelined request after one whose answer closes: not read
             raise _Refused
         self._in_request = True
-        self._reset_message()
-        if self._requests:  # the first request's clock started with the connection
-            self._deadline.set(self._loop.time() + self._limits.header_timeout)
-        self._requests += 1
+        self._requests += 1  # its header deadline is set only if it spans reads: see _feed
+        self._url, self._headers, self._body, self._head_bytes = b"", {}, None, 0
+        self._headers_left = self._limits.max_headers
+        self._header_room = self._limits.max_header_bytes
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -175,41 +217,52 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(_problem.uri_too_long(self._limits.max_request_line))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        self._header_bytes += len(name) + len(value)
-        limits = self._limits
-        if self._header_count > limits.max_headers:
-            self._refuse(_problem.headers_too_large(f"At most {limits.max_headers} headers."))
-        if self._header_bytes > limits.max_header_bytes:
-            self._refuse(
-                _problem.headers_too_large(
-                    f"Headers are limited to {limits.max_header_bytes} bytes."
-                )
-            )
-        key = _COMMON_NAMES.get(name) or name.lower()
-        if key in _KEPT_HEADERS:
-            self._keep_header(key, value)
-
-    def _keep_header(self, key: bytes, value: bytes) -> None:
-        old = self._headers.get(key)
-        if old is None:
+        self._headers_left -= 1
+        self._header_room -= len(name) + len(value)
+        if self._headers_left < 0 or self._header_room < 0:
+            self._over_limit()
+        key = _COMMON_NAMES.get(name)
+        if key is None:
+            key = name.lower()
+            if key not in _KEPT_HEADERS:
+                return
+        elif not key:
+            return
+        if key in self._headers:
+            self._keep_again(key, value)
+        else:
             self._headers[key] = value
-        elif key == b"host":
+
+    def _over_limit(self) -> None:
+        limits = self._limits
+        if self._headers_left < 0:
+            self._refuse(_problem.headers_too_large(f"At most {limits.max_headers} headers."))
+        self._refuse(
+            _problem.headers_too_large(f"Headers are limited to {limits.max_header_bytes} bytes.")
+        )
+
+    def _keep_again(self, key: bytes, value: bytes) -> None:
+        old = self._headers[key]
+        if key == b"host":
             self._refuse(_problem.bad_request("More than one Host header.", close=True))
         else:
             self._headers[key] = old + b", " + value
 
     def on_headers_complete(self) -> None:
         self._in_body, self._head_bytes = True, 0
-        parser = self._parser
-        self._method = parser.get_method()
+        parser, headers = self._parser, self._headers
+        method = self._method = parser.get_method()
         if not parser.should_keep_alive():
-            self._conn_mode = CONN_CLOSE
-        elif parser.get_http_version() == "1.0":
-            self._conn_mode = CONN_KEEP_ALIVE
+            mode = CONN_CLOSE
+        elif not _CONNECTION_HEADERS.isdisjoint(headers) and parser.get_http_version() == "1.0":
+            mode = CONN_KEEP_ALIVE  # HTTP/1.0 keeps alive only when a Connection header says so
         else:
-            self._conn_mode = CONN_DEFAULT
-        if not _FRAMING_HEADERS.isdisjoint(self._headers):
+            mode = CONN_DEFAULT
+        self._conn_mode = mode
+        if _FRAMING_HEADERS.isdisjoint(headers):
+            self._hot = mode != CONN_CLOSE and method == b"GET"
+        else:
+            self._hot = False
             self._check_framing()
 
     def _check_framing(self) -> None:
@@ -237,6 +290,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_request = self._in_body = False
+        if self._hot and not self._queue:  # behind a pending answer: queue, the general way
+            data = self._lane.answer(self._url, self._headers, self._conn_mode)
+            if data is not None:
+                self._transport.write(data)
+                self._served += 1  # the idle deadline follows lazily: see _expire
+                return
         path, query = split_target(self._url)
         body = bytes(self._body) if self._body else b""
         request = Request(self._method, path, query, self._headers, body, self._conn_mode)
@@ -377,8 +436,19 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._on_parse_error(exc)
         else:
-            if not self._in_body and self._head_bytes > self._head_limit:
-                self._fail(_problem.headers_too_large("The request head is too large."))
+            if self._in_request or self._head_bytes > self._head_limit:
+                self._unfinished()
+
+    def _unfinished(self) -> None:
+        """A request spans reads: cap its head; from now (about its first byte) it has
+        header_timeout. (A request read whole needs neither; the first request's clock
+        started with the connection.)"""
+        if not self._in_body and self._head_bytes > self._head_limit:
+            self._fail(_problem.headers_too_large("The request head is too large."))
+        elif self._in_request and self._timed != self._requests:
+            self._timed = self._requests
+            if self._requests > 1:
+                self._deadline.set(self._loop.time() + self._limits.header_timeout)
 
     def _on_parse_error(self, exc: httptools.HttpParserError) -> None:
         refusal, self._refusal = self._refusal, None
@@ -405,6 +475,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         else:
             deadline = self._loop.time() + self._limits.idle_timeout
+            self._idle_mark = self._served
         self._deadline.set(deadline)
 
     def _expire(self) -> None:
@@ -412,5 +483,13 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.abort()  # lingered long enough, or the client does not read
         elif self._in_request:
             self._fail(_problem.request_timeout(self._limits.header_timeout))
-        elif not self._queue:
+        elif self._queue:
+            pass
+        elif self._served != self._idle_mark:
+            # Hot answers since the deadline was set (they do not move it, to stay cheap):
+            # idle from now, so a busy connection is closed idle_timeout to twice that after
+            # its last request.
+            self._idle_mark = self._served
+            self._deadline.set(self._loop.time() + self._limits.idle_timeout)
+        else:
             self._transport.close()  # idle

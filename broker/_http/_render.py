@@ -46,6 +46,14 @@ def dump_json(obj: object) -> bytes:
     return json.dumps(obj, default=str).encode() + b"\n"
 
 
+def wants_text(accept: bytes | None) -> bool:
+    """Whether an Accept header asks for the raw token rather than JSON."""
+    if not accept:
+        return False
+    accept = accept.lower()
+    return b"text/plain" in accept and b"application/json" not in accept
+
+
 def iso_utc(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -134,11 +142,11 @@ class TokenResponses:
         hit = self._cache.get(key)
         if hit is not None and hit[0] is token and hit[1] == expires_in and hit[2] == second:
             return hit[3]
-        data = self._render(profile, token, expires_in, fmt=fmt, conn=conn, second=second)
+        data = self.render(profile, token, expires_in, fmt=fmt, conn=conn, second=second)
         self._cache[key] = (token, expires_in, second, data)
         return data
 
-    def _render(
+    def render(
         self, profile: str, token: Token, expires_in: int, *, fmt: str, conn: int, second: int
     ) -> bytes:
         if fmt == FORMAT_RAW:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from broker._http._access import PeerCred, read_peercred
 from broker._http._listeners import BACKLOG
 from broker._http._problem import Problem
+
+if TYPE_CHECKING:
+    from broker._http._hot import Lane
 
 Reply = bytes | Coroutine[Any, Any, bytes]
 Transport = Literal["unix", "tcp"]
@@ -89,6 +92,9 @@ class Handler(Protocol):
 
     def connected(self, conn: ConnInfo) -> None:
         """A connection was admitted (peer metrics)."""
+
+    def lane(self, conn: ConnInfo) -> Lane:
+        """The connection's hot lane (``_hot.Lane``): prepared answers to token GETs."""
 
     def handle(self, request: Request, conn: ConnInfo) -> Reply:
         """The response, or a coroutine making it; an exception is a bug, see ``crashed``."""

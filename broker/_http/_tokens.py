@@ -21,7 +21,13 @@ from broker._clock import Clock
 from broker._http import _problem
 from broker._http._access import peer_allowed
 from broker._http._problem import Problem
-from broker._http._render import FORMAT_JSON, FORMAT_RAW, TokenResponses, strip_body
+from broker._http._render import (
+    FORMAT_JSON,
+    FORMAT_RAW,
+    TokenResponses,
+    strip_body,
+    wants_text,
+)
 from broker._http._reply import Replier, debug_enabled
 from broker._http._request import GET_HEAD, ConnInfo, Reply, Request
 from broker._metrics import UNKNOWN_PROFILE
@@ -34,13 +40,6 @@ log = structlog.get_logger("broker.http")
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _REFRESH_BODY = 'the body must be JSON: {"access_token": "..."} or {"sha256": "<64 hex digits>"}'
-
-
-def _wants_text(accept: bytes | None) -> bool:
-    if not accept:
-        return False
-    accept = accept.lower()
-    return b"text/plain" in accept and b"application/json" not in accept
 
 
 def parse_options(query: bytes, accept: bytes | None) -> tuple[float | None, str] | Problem:
@@ -66,7 +65,7 @@ def parse_options(query: bytes, accept: bytes | None) -> tuple[float | None, str
                     f"format must be json or raw, not {_problem.clip(value)!r}."
                 )
             fmt = value
-    return min_valid, fmt or (FORMAT_RAW if _wants_text(accept) else FORMAT_JSON)
+    return min_valid, fmt or (FORMAT_RAW if wants_text(accept) else FORMAT_JSON)
 
 
 def _seconds(text: str) -> float | None:
@@ -173,7 +172,7 @@ class TokenEndpoints:
 
     @staticmethod
     def _format(req: Request) -> str:
-        return FORMAT_RAW if _wants_text(req.headers.get(b"accept")) else FORMAT_JSON
+        return FORMAT_RAW if wants_text(req.headers.get(b"accept")) else FORMAT_JSON
 
     def _admit(self, req: Request, conn: ConnInfo, name: bytes | None) -> str | bytes:
         """The profile's name, or the rendered refusal (unknown profile, peer not allowed)."""
