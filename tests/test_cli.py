@@ -2,7 +2,8 @@
 
 ``token`` and ``status`` talk to a real ``serve --demo`` daemon (found through
 ``$XDG_RUNTIME_DIR``, as on a laptop); ``check --online`` talks to a standalone emulator.
-Every subprocess is killed in teardown and every wait has a deadline.
+Every subprocess is killed in teardown and every wait has a deadline. A daemon's 503, which
+the demo daemon never gives, is faked in process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from _cli_helpers import (
     write_secret,
 )
 
+from broker import _cli_client
 from broker._config import SYSTEM_CONFIG_FILE
+from broker._wire import Response
 
 SECRET = "made-up-cli-secret-5b1e0c"  # made up: the emulator's only client
 CLIENT_ID = "cli-test-client"
@@ -205,6 +208,19 @@ def test_token_with_an_impossible_min_valid_exits_2_saying_why(demo: Demo) -> No
     assert "99999" in result.stderr
     assert "1800" in result.stderr
     assert result.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_token_exits_69_when_the_daemon_answers_503(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A running daemon with no token to give (503) makes ``token`` exit 69, stdout empty."""
+    problem = {"title": "Token unavailable", "detail": "upstream is down", "status": 503}
+    answer = Response(503, {"retry-after": "7"}, json.dumps(problem).encode())
+    monkeypatch.setattr(_cli_client, "call", lambda method, target: answer)
+    assert _cli_client.token_command(None, None, as_json=False) == EXIT_UNAVAILABLE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "upstream is down" in err and "retry after 7 s" in err
 
 
 # --- status -----------------------------------------------------------------------------------

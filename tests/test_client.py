@@ -18,6 +18,7 @@ import httpx
 import pytest
 from _daemon import InProcessDaemon, closed_tcp_port, in_process_daemon
 
+import broker._client_tokens
 import broker.client
 from broker.client import (
     BrokerUnavailable,
@@ -321,6 +322,48 @@ def test_colt_auth_retries_only_once(restarted: InProcessDaemon) -> None:
     (first_auth, first_body), (second_auth, second_body) = api.seen
     assert first_auth != second_auth and first_body == second_body == b'{"n":1}'
     assert restarted.reports() == 1
+
+
+@pytest.mark.anyio
+async def test_async_colt_auth_retries_only_once(restarted: InProcessDaemon) -> None:
+    """With httpx.AsyncClient too, a 401 to the refreshed token goes back to the caller."""
+    api = RejectingApi()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(api), auth=ColtAuth()) as client:
+        response = await client.post("http://api.test/x", json={"n": 1})
+    assert response.status_code == 401
+    assert len(api.seen) == 2
+    assert api.seen[0][0] != api.seen[1][0]
+    assert restarted.reports() == 1
+
+
+def _refresh_finds_nothing_newer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker answers a report with the very token reported (its refresh failed)."""
+    monkeypatch.setattr(
+        broker._client_tokens, "report_rejected", lambda profile, token, min_valid: token
+    )
+
+
+def test_colt_auth_does_not_resend_the_token_that_was_refused(
+    restarted: InProcessDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the broker has nothing newer than the refused token, the 401 is not retried."""
+    _refresh_finds_nothing_newer(monkeypatch)
+    api = RejectingApi()
+    with httpx.Client(transport=httpx.MockTransport(api), auth=ColtAuth()) as client:
+        assert client.get("http://api.test/x").status_code == 401
+    assert len(api.seen) == 1
+
+
+@pytest.mark.anyio
+async def test_async_colt_auth_does_not_resend_the_token_that_was_refused(
+    restarted: InProcessDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with httpx.AsyncClient."""
+    _refresh_finds_nothing_newer(monkeypatch)
+    api = RejectingApi()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(api), auth=ColtAuth()) as client:
+        assert (await client.get("http://api.test/x")).status_code == 401
+    assert len(api.seen) == 1
 
 
 def test_colt_auth_does_not_replay_a_streaming_body(restarted: InProcessDaemon) -> None:

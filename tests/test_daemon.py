@@ -12,6 +12,8 @@ import base64
 import contextlib
 import json
 import shutil
+import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -25,10 +27,13 @@ import structlog
 from _cli_helpers import free_tcp_port, short_tmpdir, write_secret
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker._config import load_config
+from broker._config import Config, load_config
 from broker._daemon import Daemon
 from broker._emulator_http import HttpRequest, Reply
 from broker._logging import configure_logging
+from broker._persist import TokenStore
+from broker._systemd import Notifier
+from broker._token import Token
 from broker.emulator import Emulator
 
 pytestmark = pytest.mark.anyio
@@ -211,6 +216,57 @@ async def test_200_concurrent_cold_start_requests_share_one_upstream_request() -
             metrics = samples((await client.get("/metrics")).text)
         waiters = {"profile": "default"}.items()
         assert metrics[("colt_broker_refresh_waiters_sum", frozenset(waiters))] == 200
+
+
+# --- readiness -------------------------------------------------------------------------------
+
+
+class ProbingNotifier(Notifier):
+    """Records, at the very moment READY=1 would be sent, whether the Unix socket accepts a
+    connection and what STATUS= says (the daemon calls ``ready`` synchronously)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        super().__init__({})
+        self.socket_path = socket_path
+        self.seen: list[tuple[bool, str]] = []
+
+    def ready(self, status: str) -> None:
+        self.seen.append((self._connects(), status))
+
+    def _connects(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket_path))  # a listening socket queues it at once
+            except OSError:
+                return False
+            return True
+
+
+def persist_a_token(config: Config, emulator: Emulator) -> None:
+    """Save a fresh emulator token for the default profile, as a previous run would have."""
+    issued = emulator.issue(CLIENT_ID)
+    lifetime = emulator.verify(issued)["exp"] - time.time()
+    now = time.monotonic()
+    token = Token(issued, "Bearer", now, now + lifetime, time.time() + lifetime)
+    TokenStore(config.broker.state_dir).save(config.profiles["default"], token)
+
+
+async def test_ready_comes_after_the_socket_listens_and_the_token_is_restored() -> None:
+    """READY=1 is sent only once the socket accepts connections and the saved token is back."""
+    emulator = Emulator({CLIENT_ID: SECRET})
+    with short_tmpdir() as root:
+        async with anyio.create_task_group() as tg:
+            await tg.start(emulator.run)
+            config_file = write_config(root, emulator.token_url, 0, SECRET)
+            config = load_config(config_file, environ={})
+            persist_a_token(config, emulator)
+            notifier = ProbingNotifier(config.broker.socket_path)
+            with anyio.fail_after(TIMEOUT):
+                await tg.start(Daemon(config, notifier=notifier).run)
+            tg.cancel_scope.cancel()
+    # STATUS= counting the restored token means the first consumer after READY is served at once.
+    assert notifier.seen == [(True, "1/1 profiles hold a valid token")]
+    assert emulator.count() == 0, "the restored token should have made a request needless"
 
 
 # --- curl over each transport ----------------------------------------------------------------

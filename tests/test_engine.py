@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -193,6 +194,20 @@ async def test_a_report_of_the_current_token_refreshes_once() -> None:
         assert len({a.access_token for a in answers}) == 1
 
 
+async def test_a_report_of_an_old_token_asks_upstream_nothing() -> None:
+    """Reporting a token that is not the current one answers the current token, no request."""
+    async with emulated() as emu, running(emu, [profile(emu)]) as engine:
+        first = await engine.get("default", min_valid=None, timeout=5)
+        stale = hashlib.sha256(b"a token replaced long ago").hexdigest()
+        with anyio.fail_after(5):
+            answer = await engine.report_rejected("default", stale, timeout=5)
+        await anyio.wait_all_tasks_blocked()
+        assert answer.access_token == first.access_token
+        (status,) = engine.status()
+        assert status.counters["upstream_requests"] == 1, "a report of an old token refreshed"
+        assert emu.count() == 1
+
+
 async def test_a_min_valid_beyond_the_token_lifetime_fails_clearly() -> None:
     """Asking for more than upstream's tokens ever live is refused, not waited on."""
     async with emulated(token_lifetime=60) as emu, running(emu, [profile(emu)]) as engine:
@@ -291,17 +306,18 @@ async def test_consumers_and_reports_do_not_wait_on_the_disk() -> None:
     assert disk.saved == [first.access_token, second.access_token]
 
 
-async def test_a_consumer_cannot_lower_the_operators_min_valid() -> None:
-    """min_valid=0 in a request still gets a token with the profile's min_valid left."""
-    async with emulated(token_lifetime=3.0) as emu:
-        p = profile(emu, min_valid=2.0, refresh_ahead=0.1, refresh_jitter=0.01)
+async def test_min_valid_zero_is_refused_a_token_below_the_profiles_floor() -> None:
+    """A held token with less than the profile's min_valid left is not served even to a
+    consumer asking for min_valid=0 (here refreshes fail, so no newer token replaces it)."""
+    async with emulated(token_lifetime=2.0) as emu:
+        p = profile(emu, min_valid=1.5, refresh_ahead=0.1, refresh_jitter=0.0)
         async with running(emu, [p]) as engine:
             first = await engine.get("default", min_valid=0, timeout=5)
-            with anyio.fail_after(5):
-                while first.remaining(anyio.current_time()) > 1.5:
-                    await anyio.sleep(0.05)
-            token = await engine.get("default", min_valid=0, timeout=5)
-            assert token.remaining(anyio.current_time()) >= 2.0
+            emu.inject(Fault(status=503, body=b'{"code":"001"}', times=1000))
+            # Let the token age (no readiness to wait for: time itself is the input).
+            await anyio.sleep(first.remaining(anyio.current_time()) - 1.5 + 0.1)
+            with pytest.raises(TokenUnavailable):
+                await engine.get("default", min_valid=0, timeout=0)
 
 
 async def test_an_impossible_min_valid_asks_upstream_nothing() -> None:
@@ -313,3 +329,29 @@ async def test_an_impossible_min_valid_asks_upstream_nothing() -> None:
                 await engine.get("default", min_valid=5000, timeout=5)
             assert caught.value.client_error
         assert emu.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("cap", "values"),
+    [
+        ("max_requests_per_minute", (1, 1000)),
+        ("max_requests_per_minute", (1000, 1)),
+        ("max_requests_per_day", (1, 10_000)),
+        ("max_requests_per_day", (10_000, 1)),
+    ],
+)
+async def test_an_accounts_caps_are_the_strictest_of_its_profiles(
+    cap: str, values: tuple[int, int]
+) -> None:
+    """Profiles sharing an account share one gate capped by the lowest cap any of them asks:
+    at a cold start with a cap of one, one profile fetches and the other is held back."""
+    async with emulated() as emu:
+        a = profile(emu, "a", "cid-a", **{cap: values[0]})
+        b = profile(emu, "b", "cid-b", **{cap: values[1]})
+        async with running(emu, [a, b]) as engine:
+            await anyio.wait_all_tasks_blocked()  # both profiles have decided: fetch or wait
+            statuses = engine.status()
+    sent = sorted(s.counters["upstream_requests"] for s in statuses)
+    assert sent == [0, 1], f"{cap}: the account sent {sum(sent)} requests with a cap of 1"
+    (held,) = (s for s in statuses if s.counters["upstream_requests"] == 0)
+    assert held.next_refresh_in is not None and held.next_refresh_in > 50

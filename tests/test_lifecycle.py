@@ -272,6 +272,14 @@ def test_a_429_holds_back_every_profile_of_the_account() -> None:
     assert decide(other, shared, 100.0) == Fetch()
 
 
+def test_a_shorter_429_does_not_cut_a_longer_one_short() -> None:
+    """Two profiles' 429s: the account stays closed until the later of the two deadlines."""
+    shared = gate(per_minute=100, per_day=1000)
+    shared.throttle(300.0)
+    shared.throttle(50.0)
+    assert shared.earliest(0.0) == 300.0
+
+
 def test_per_minute_cap_holds_whatever_the_profiles_want() -> None:
     """Six requests in a minute, then wait until the oldest leaves the window."""
     g = gate(per_minute=6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -371,6 +372,51 @@ def test_failed_rename_removes_the_temp_file(
     store.save(PROFILE, make_token(clock))
     assert [e["event"] for e in warnings(events)] == ["state.save_failed"]
     assert os.listdir(state_dir) == ["default.token.json"]
+
+
+def test_a_save_that_fails_before_the_rename_keeps_the_previous_token(
+    store: TokenStore,
+    state_dir: Path,
+    clock: FakeClock,
+    events: list[EventDict],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write that fails part-way (fsync of the new data) leaves the old file whole."""
+    store.save(PROFILE, make_token(clock, access_token="first-token-abcdef"))
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    clock.advance(1500.0)
+    store.save(PROFILE, make_token(clock, access_token="second-token-abcdef"))
+    monkeypatch.undo()
+    token = store.load(PROFILE)
+    assert token is not None and token.access_token == "first-token-abcdef"
+    assert os.listdir(state_dir) == ["default.token.json"]
+    assert [e["event"] for e in warnings(events)] == ["state.save_failed"]
+
+
+def test_save_syncs_the_data_before_the_rename_and_the_directory_after(
+    store: TokenStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durability order: fsync(temp file), rename onto the target, fsync(directory)."""
+    steps: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        steps.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def recording_replace(src: str | Path, dst: str | Path) -> None:
+        same_dir = Path(src).parent == Path(dst).parent and Path(src) != Path(dst)
+        steps.append("rename" if same_dir else f"rename {src} -> {dst}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    store.save(PROFILE, make_token(clock))
+    assert steps == ["fsync file", "rename", "fsync dir"]
 
 
 def test_forget_deletes_the_saved_token(
