@@ -64,7 +64,13 @@ _UNAVAILABLE = {
     502: "a gateway in front of the token endpoint failed",
     503: "the token endpoint is unavailable",
     504: "a gateway timed out waiting for the token endpoint",
+}
+# Refusals of the request itself: a broker bug, a proxy, or a wrong token_url. Configuration,
+# so retried only slowly, like a 400.
+_REFUSED = {
+    415: "the endpoint refused the body's format (broker bug, or a proxy)",
     404: "the token endpoint was not found: check token_url",
+    405: "the token endpoint does not take POST: check token_url",
 }
 
 
@@ -99,9 +105,9 @@ def error_for_status(
         excerpt=fields.excerpt,
         retry_after=parse_retry_after(header_value(headers, "retry-after"), now_wall),
     )
-    if 300 <= status < 400:
+    if 300 <= status < 400:  # credentials are never re-posted elsewhere: fix token_url
         summary = _redirect_summary(header_value(headers, "location"), secret)
-        return UpstreamUnavailable(summary, detail)
+        return RequestRejected(summary, detail)
     cls, summary = _verdict(status, fields.code, detail.retry_after, tracking_header)
     return cls(summary, detail)
 
@@ -143,8 +149,8 @@ def _verdict(
         return CredentialsRejected, _COLT_401.get(code or "", "the credentials were rejected")
     if status == 400:
         return RequestRejected, _bad_request_summary(code, tracking_header)
-    if status == 415:
-        return RequestRejected, "the endpoint refused the body's format (broker bug, or a proxy)"
+    if status in _REFUSED:
+        return RequestRejected, _REFUSED[status]
     if status == 429:
         return Throttled, _throttled_summary(retry_after)
     return UpstreamUnavailable, _unexpected_summary(status)

@@ -435,10 +435,12 @@ CASES: list[Case] = [
          {"code": "005", "message": f"bad client_secret={SECRET}"}).encode())),
          "request_rejected", 400, "005", "unsupported or duplicate parameters"),
     # -- other answers --------------------------------------------------------------------------
-    unavailable("302 redirect (not followed)", Fault(status=302, body=b"",
-                headers={"Location": "http://elsewhere.invalid/steal"}), "unexpected redirect",
-                status=302),
-    unavailable("404 (wrong token_url)", Fault(status=404), "check token_url", status=404),
+    # A wrong token_url is configuration: retried in minutes, like a refused request.
+    Case("302 redirect (not followed)", _always(Fault(status=302, body=b"",
+         headers={"Location": "http://elsewhere.invalid/steal"})), "request_rejected",
+         status=302, says="unexpected redirect"),
+    Case("404 (wrong token_url)", _always(Fault(status=404)), "request_rejected", status=404,
+         says="check token_url"),
     Case("the held token again", _repeat_held, "no_progress", says="already hold", status=200,
          where=(HELD,)),
 ]

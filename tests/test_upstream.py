@@ -199,7 +199,7 @@ async def test_client_auth_and_redirect_settings_are_overridden() -> None:
 
     transport = httpx.MockTransport(handler)
     async with httpx.AsyncClient(transport=transport, auth=("x", "y"), follow_redirects=True) as c:
-        with pytest.raises(UpstreamUnavailable, match=r"redirect to https://evil\.test/steal:"):
+        with pytest.raises(RequestRejected, match=r"redirect to https://evil\.test/steal:"):
             await fetch_token(c, PROFILE)
     assert len(calls) == 1
     assert (
@@ -511,8 +511,21 @@ def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
     ("status", "expected_summary"),
     [
         (301, "unexpected redirect from the token endpoint"),
-        (408, "gave up waiting"),
         (404, "check token_url"),
+        (405, "does not take POST"),
+    ],
+)
+def test_a_wrong_token_url_is_a_configuration_error(status: int, expected_summary: str) -> None:
+    """Redirects, 404 and 405 say token_url is wrong: retried in minutes, not seconds."""
+    error = classify_error(status, b"")
+    assert type(error) is RequestRejected
+    assert expected_summary in error.summary
+
+
+@pytest.mark.parametrize(
+    ("status", "expected_summary"),
+    [
+        (408, "gave up waiting"),
         (418, "unexpected HTTP 418"),
         (502, "gateway"),
         (504, "gateway timed out"),
@@ -521,7 +534,7 @@ def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
     ],
 )
 def test_other_statuses_are_unavailable(status: int, expected_summary: str) -> None:
-    """Redirects, 408, 5xx and any other unexpected status are transient failures."""
+    """408, 5xx and any other unexpected status are transient failures."""
     error = classify_error(status, b"")
     assert type(error) is UpstreamUnavailable
     assert expected_summary in error.summary
