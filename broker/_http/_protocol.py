@@ -7,12 +7,13 @@ task; responses still leave in request order (HTTP/1.1 pipelining), by queueing 
 in a slot that the task fills.
 
 Hostile or broken clients cannot hurt others: request line, header bytes, header count and
-body size are capped; one timer per connection closes a client that is slow to send its
-request or idle too long; a client that does not read its responses has its reading paused
-(input is parsed in slices, so a pipelined burst cannot make unbounded output); any
-malformed input gets a 400 and a close. A final response is followed by a half-close and a
-short linger, so the client reads it instead of a connection reset; a connection past the
-``Pool``'s budget gets its 503 and is closed at once, so a flood cannot hold descriptors.
+body size are capped (``_parse.RequestReader``, the parser callbacks this class inherits);
+one timer per connection closes a client that is slow to send its request or idle too long;
+a client that does not read its responses has its reading paused (input is parsed in
+slices, so a pipelined burst cannot make unbounded output); any malformed input gets a 400
+and a close. A final response is followed by a half-close and a short linger, so the client
+reads it instead of a connection reset; a connection past the ``Pool``'s budget gets its 503
+and is closed at once, so a flood cannot hold descriptors.
 """
 
 from __future__ import annotations
@@ -28,42 +29,17 @@ import httptools
 from broker._http import _problem
 from broker._http._deadline import Deadline
 from broker._http._hot import Choice, Lane
+from broker._http._parse import RequestReader
 from broker._http._pool import Pool
 from broker._http._problem import Problem
-from broker._http._render import CONN_CLOSE, CONN_DEFAULT, CONN_KEEP_ALIVE
-from broker._http._request import (
-    ConnInfo,
-    Handler,
-    Limits,
-    Request,
-    Transport,
-    conn_info,
-    split_target,
-)
+from broker._http._render import CONN_CLOSE
+from broker._http._request import ConnInfo, Handler, Limits, Request, Transport, conn_info
 
 SLICE = 4096  # bytes parsed between checks for backpressure
 MAX_PIPELINE = 64  # unanswered requests per connection before reading pauses
 MAX_REPLAY = 2048  # longest request remembered for replay (see _remember)
 LINGER = 2.0  # seconds to wait for the client to close after our final response
-_KEPT_HEADERS = frozenset(
-    {b"host", b"x-colt-broker", b"accept", b"content-length", b"transfer-encoding",
-     b"expect", b"connection", b"proxy-connection"}
-)  # fmt: skip
-_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
-_CONNECTION_HEADERS = frozenset({b"connection", b"proxy-connection"})
-# Header names as clients usually spell them -> the kept name in lower case, or b"" for one
-# the broker ignores: a dict lookup instead of a .lower() and a set test per header.
-_COMMON_NAMES = {
-    spelling: spelling.lower() if spelling.lower() in _KEPT_HEADERS else b""
-    for spelling in (b"Host", b"User-Agent", b"Accept", b"X-Colt-Broker", b"Content-Type",
-                     b"Content-Length", b"Connection", b"Accept-Encoding", b"host",
-                     b"user-agent", b"accept", b"x-colt-broker", b"connection")
-}  # fmt: skip
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class _Refused(Exception):  # a signal out of a parser callback, not an error
-    pass
 
 
 class _Slot:
@@ -74,36 +50,27 @@ class _Slot:
         self.close = close
 
 
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(RequestReader, asyncio.Protocol):
     """One HTTP/1.1 connection."""
 
     def __init__(
         self, handler: Handler, pool: Pool, kind: Transport, limits: Limits, tag: object
     ) -> None:
+        super().__init__(limits)
         self.tag = tag  # which listener accepted it, for shutdown
-        self._handler, self._pool, self._kind, self._limits = handler, pool, kind, limits
+        self._handler, self._pool, self._kind = handler, pool, kind
         self._loop = asyncio.get_running_loop()
         self._transport = cast(asyncio.Transport, None)  # set in connection_made
-        self._parser = httptools.HttpRequestParser(self)
-        self._head_limit = limits.max_request_line + limits.max_header_bytes + 1024
         self.conn = ConnInfo(kind, None, "")
-        self._url = b""
-        self._headers: dict[bytes, bytes] = {}
-        self._headers_left = self._header_room = self._head_bytes = 0
-        self._body: bytearray | None = None
-        self._in_request = self._in_body = False
-        self._method, self._conn_mode, self._requests = b"", CONN_DEFAULT, 0
         self._queue: deque[_Slot] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stopped = self._closing = self._lost = self._peer_eof = False
+        self._closing = self._lost = self._peer_eof = False
         self._write_paused = self._reading_paused = self._pumping = False
         self._paused_at = 0.0
         self._unfed: memoryview | None = None
         self._unfed_pos = 0
-        self._refusal: Problem | None = None
         self._deadline = Deadline(self._loop, self._expire)
         self._lane = cast(Lane, None)  # set in connection_made
-        self._hot = False  # the request in parsing may take the hot lane
         self._served = self._idle_mark = 0  # hot answers, and their count when idling began
         self._timed = 0  # the request whose header deadline is set
         self._replay: bytes = b""  # see _remember
@@ -200,93 +167,11 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.abort()
         return tasks
 
-    # --- parser callbacks (httptools) --------------------------------------------------------
+    # --- parser callbacks (the rest in _parse.RequestReader) ---------------------------------
 
-    def on_message_begin(self) -> None:
-        if self._stopped:  # a pipelined request after one whose answer closes: not read
-            raise _Refused
-        self._in_request = True
-        self._requests += 1  # its header deadline is set only if it spans reads: see _feed
-        self._url, self._headers, self._body, self._head_bytes = b"", {}, None, 0
-        self._headers_left = self._limits.max_headers
-        self._header_room = self._limits.max_header_bytes
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self._limits.max_request_line:
-            self._refuse(_problem.uri_too_long(self._limits.max_request_line))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers_left -= 1
-        self._header_room -= len(name) + len(value)
-        if self._headers_left < 0 or self._header_room < 0:
-            self._over_limit()
-        key = _COMMON_NAMES.get(name)
-        if key is None:
-            key = name.lower()
-            if key not in _KEPT_HEADERS:
-                return
-        elif not key:
-            return
-        if key in self._headers:
-            self._keep_again(key, value)
-        else:
-            self._headers[key] = value
-
-    def _over_limit(self) -> None:
-        limits = self._limits
-        if self._headers_left < 0:
-            self._refuse(_problem.headers_too_large(f"At most {limits.max_headers} headers."))
-        self._refuse(
-            _problem.headers_too_large(f"Headers are limited to {limits.max_header_bytes} bytes.")
-        )
-
-    def _keep_again(self, key: bytes, value: bytes) -> None:
-        old = self._headers[key]
-        if key == b"host":
-            self._refuse(_problem.bad_request("More than one Host header.", close=True))
-        else:
-            self._headers[key] = old + b", " + value
-
-    def on_headers_complete(self) -> None:
-        self._in_body, self._head_bytes = True, 0
-        parser, headers = self._parser, self._headers
-        method = self._method = parser.get_method()
-        if not parser.should_keep_alive():
-            mode = CONN_CLOSE
-        elif not _CONNECTION_HEADERS.isdisjoint(headers) and parser.get_http_version() == "1.0":
-            mode = CONN_KEEP_ALIVE  # HTTP/1.0 keeps alive only when a Connection header says so
-        else:
-            mode = CONN_DEFAULT
-        self._conn_mode = mode
-        if _FRAMING_HEADERS.isdisjoint(headers):
-            self._hot = mode != CONN_CLOSE and method == b"GET"
-        else:
-            self._hot = False
-            self._check_framing()
-
-    def _check_framing(self) -> None:
-        headers = self._headers
-        if b"transfer-encoding" in headers and (
-            b"content-length" in headers or self._method in (b"GET", b"HEAD")
-        ):
-            self._refuse(
-                _problem.bad_request("Transfer-Encoding is not accepted here.", close=True)
-            )
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit():
-            self._refuse(_problem.bad_request("Content-Length is not a number.", close=True))
-        if int(length) > self._limits.max_body:
-            self._refuse(_problem.content_too_large(self._limits.max_body))
-        if headers.get(b"expect", b"").lower() == b"100-continue" and not self._queue:
+    def _continue(self) -> None:
+        if not self._queue:  # an interim response must not overtake pending answers
             self._transport.write(_CONTINUE)
-
-    def on_body(self, body: bytes) -> None:
-        if self._body is None:
-            self._body = bytearray()
-        if len(self._body) + len(body) > self._limits.max_body:
-            self._refuse(_problem.content_too_large(self._limits.max_body))
-        self._body += body
 
     def on_message_complete(self) -> None:
         self._in_request = self._in_body = False
@@ -296,16 +181,10 @@ class HttpProtocol(asyncio.Protocol):
                 self._transport.write(data)
                 self._served += 1  # the idle deadline follows lazily: see _expire
                 return
-        path, query = split_target(self._url)
-        body = bytes(self._body) if self._body else b""
-        request = Request(self._method, path, query, self._headers, body, self._conn_mode)
+        request = self._request()
         if self._conn_mode == CONN_CLOSE:
             self._stopped = True  # nothing after this request is read
         self._dispatch(request)
-
-    def _refuse(self, problem: Problem) -> None:
-        self._refusal = problem
-        raise _Refused
 
     # --- requests and responses --------------------------------------------------------------
 
@@ -434,7 +313,9 @@ class HttpProtocol(asyncio.Protocol):
             self._stopped = True  # no protocol switch here: answer what came, then close
             self._settle()
         except httptools.HttpParserError as exc:
-            self._on_parse_error(exc)
+            problem = self._parse_problem(exc)
+            if problem is not None:
+                self._fail(problem)
         else:
             if self._in_request or self._head_bytes > self._head_limit:
                 self._unfinished()
@@ -449,16 +330,6 @@ class HttpProtocol(asyncio.Protocol):
             self._timed = self._requests
             if self._requests > 1:
                 self._deadline.set(self._loop.time() + self._limits.header_timeout)
-
-    def _on_parse_error(self, exc: httptools.HttpParserError) -> None:
-        refusal, self._refusal = self._refusal, None
-        if refusal is None and self._stopped:
-            return  # bytes after a "Connection: close" request: ignored
-        if refusal is None:
-            refusal = _problem.bad_request(
-                f"Malformed HTTP request: {_problem.clip(str(exc))}", close=True
-            )
-        self._fail(refusal)
 
     # --- the one timer -----------------------------------------------------------------------
 
