@@ -138,7 +138,7 @@ class Engine:
         token = p.machine.servable(self._clock.monotonic(), floor)
         if token is not None:
             return token
-        return await self._wait_for(p, floor, timeout)
+        return await self._wait_for(profile, min_valid, timeout)
 
     async def report_rejected(self, profile: str, sha256: str, *, timeout: float) -> Token:
         """A consumer saw ``sha256`` rejected: refresh once if it is current, then answer."""
@@ -152,6 +152,7 @@ class Engine:
         while _replacing(p, sha256) and now < deadline and self._next_try(p, now) <= deadline:
             await self._next_outcome(p, deadline - now)
             now = self._clock.monotonic()
+            p = self._profiles[profile]  # a reload may have replaced it (KeyError: removed)
         return await self.get(profile, min_valid=None, timeout=max(deadline - now, 0.0))
 
     def status(self) -> list[ProfileStatus]:
@@ -182,10 +183,12 @@ class Engine:
         for name, p in fresh:
             _carry_token(old.get(name), p, self._clock.monotonic(), self._rng())
         await self._restore(p for _, p in fresh if p.machine.token is None)
-        for name, p in old.items():
-            if new.get(name) is not p and p.scope is not None:
-                p.scope.cancel()
         self._profiles = new
+        for name, p in old.items():
+            if new.get(name) is not p:
+                if p.scope is not None:
+                    p.scope.cancel()
+                p.publish()  # its waiters look again, and find the new profile (or none)
         for _, p in fresh:
             self._start(p)
         log.info(
@@ -376,9 +379,13 @@ class Engine:
 
     # -- waiting -----------------------------------------------------------------------------
 
-    async def _wait_for(self, p: _Profile, floor: float, timeout: float) -> Token:
+    async def _wait_for(self, profile: str, min_valid: float | None, timeout: float) -> Token:
         deadline = self._clock.monotonic() + timeout
         while True:
+            # Looked up each time round: a reload may have replaced the profile (KeyError:
+            # removed), and its min_valid with it.
+            p = self._profiles[profile]
+            floor = max(p.config.min_valid, min_valid or 0.0)
             now = self._clock.monotonic()
             token = p.machine.servable(now, floor)
             if token is not None:

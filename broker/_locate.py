@@ -8,10 +8,12 @@ the key read from ``http-key`` beside a socket. The error names every place trie
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
+from functools import partial
 
 from broker import _paths
-from broker._wire import Endpoint, Response, WireError, request
+from broker._wire import Endpoint, Response, WireError, peer_uid, request
 from broker.exceptions import BrokerUnavailable
 
 START_HINT = (
@@ -50,11 +52,15 @@ def call(
 
 
 def _endpoints(env: Mapping[str, str]) -> list[tuple[Endpoint, dict[str, str]]]:
-    found: list[tuple[Endpoint, dict[str, str]]] = [
-        (Endpoint(unix=path), {}) for path in _paths.client_socket_candidates(env)
-    ]
-    if "COLT_BROKER_SOCKET" not in env:  # a socket named explicitly is the user's choice
-        found = [(e, x) for e, x in found if e.unix is None or _trusted(e.unix)]
+    found: list[tuple[Endpoint, dict[str, str]]]
+    if "COLT_BROKER_SOCKET" in env:  # a socket named explicitly is the user's choice
+        found = [(Endpoint(unix=env["COLT_BROKER_SOCKET"]), {})]
+    else:
+        found = [
+            (Endpoint(unix=path, verify=partial(_vet_server, os.path.dirname(path))), {})
+            for path in _paths.client_socket_candidates(env)
+            if _trusted(path)
+        ]
     try:
         tcp = Endpoint.from_url(_paths.client_url(env))
     except WireError:
@@ -64,6 +70,23 @@ def _endpoints(env: Mapping[str, str]) -> list[tuple[Endpoint, dict[str, str]]]:
 
 def _trusted(socket_path: str) -> bool:
     return _paths.untrusted_dir(os.path.dirname(socket_path)) is None
+
+
+def _vet_server(directory: str, sock: socket.socket) -> None:
+    """After connecting: the daemon must run as us, root, or the owner of the (still trusted)
+    socket directory. Checking the directory alone is a race: it can be swapped in between."""
+    why = _paths.untrusted_dir(directory)
+    if why:
+        raise WireError(f"not trusted: {why}")
+    uid = peer_uid(sock)
+    if uid is None or uid in (os.geteuid(), 0):
+        return
+    try:
+        owner = os.lstat(directory).st_uid
+    except OSError:
+        owner = None
+    if owner != uid:
+        raise WireError(f"served by uid {uid}, which owns neither this user nor {directory}")
 
 
 def _bad_settings(env: Mapping[str, str]) -> list[str]:
@@ -83,7 +106,10 @@ def _bad_settings(env: Mapping[str, str]) -> list[str]:
 
 def read_key(env: Mapping[str, str]) -> str | None:
     """The TCP key from the first readable ``http-key`` file, if any."""
+    explicit = "COLT_BROKER_KEY_FILE" in env or "COLT_BROKER_SOCKET" in env
     for path in _paths.key_file_candidates(env):
+        if not explicit and _paths.untrusted_dir(os.path.dirname(path)):
+            continue  # a key planted by another user would only earn a 403
         try:
             with open(path) as file:
                 key = file.read().strip()

@@ -71,8 +71,8 @@ def untrusted_dir(directory: str) -> str | None:
         return f"cannot inspect {directory}: {exc.strerror}"
     if not stat.S_ISDIR(info.st_mode):
         return f"{directory} is not a directory"
-    if info.st_mode & 0o002:
-        return f"{directory} is writable by every user"
+    if info.st_mode & 0o022:
+        return f"{directory} is writable by other users (group or world)"
     if info.st_uid in (os.geteuid(), 0) or _root_only(os.path.dirname(directory)):
         return None
     return f"{directory} belongs to uid {info.st_uid}, not to this user or root"

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 
 MAX_RESPONSE = 1 << 20
+
+TYPE_CHECKING = False  # not typing's: importing typing costs `colt-broker token` start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class WireError(OSError):
@@ -37,12 +42,19 @@ class Response:
 class Endpoint:
     """A Unix socket path, or a loopback (host, port) and the Host header to send."""
 
-    __slots__ = ("host", "port", "unix")
+    __slots__ = ("host", "port", "unix", "verify")
 
-    def __init__(self, unix: str | None = None, host: str = "127.0.0.1", port: int = 8787) -> None:
+    def __init__(
+        self,
+        unix: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 8787,
+        verify: Callable[[socket.socket], None] | None = None,
+    ) -> None:
         self.unix = unix
         self.host = host
         self.port = port
+        self.verify = verify  # vets a connected Unix socket's server; raises WireError
 
     @classmethod
     def from_url(cls, url: str) -> Endpoint:
@@ -73,11 +85,22 @@ class Endpoint:
             sock.settimeout(timeout)
             try:
                 sock.connect(self.unix)
+                if self.verify is not None:
+                    self.verify(sock)
             except OSError:
                 sock.close()
                 raise
             return sock
         return socket.create_connection((self.host, self.port), timeout=timeout)
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process that listens on a connected Unix socket (Linux), else None."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, 12))
+    return int(uid)
 
 
 def _loopback(host: str) -> bool:

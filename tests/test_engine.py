@@ -355,3 +355,25 @@ async def test_an_accounts_caps_are_the_strictest_of_its_profiles(
     assert sent == [0, 1], f"{cap}: the account sent {sum(sent)} requests with a cap of 1"
     (held,) = (s for s in statuses if s.counters["upstream_requests"] == 0)
     assert held.next_refresh_in is not None and held.next_refresh_in > 50
+
+
+async def test_a_reload_releases_consumers_waiting_on_the_old_profile() -> None:
+    """A consumer waiting through a backoff when a reload replaces its profile is answered by
+    the new profile at once, not left waiting until its timeout."""
+    async with emulated() as emu:
+        p = profile(emu)
+        async with running(emu, [p]) as engine:
+            emu.inject(Fault(status=503, body=b'{"code":"001"}'))
+            answers: list[Token] = []
+
+            async def consumer() -> None:
+                answers.append(await engine.get("default", min_valid=None, timeout=4))
+
+            with anyio.fail_after(3):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consumer)
+                    while emu.count() < 1:
+                        await anyio.sleep(0.01)
+                    await anyio.wait_all_tasks_blocked()
+                    await engine.update({"default": replace(p, min_valid=0.6)})
+            assert len(answers) == 1

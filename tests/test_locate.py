@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,7 @@ def test_a_directory_owned_by_another_user_in_a_shared_dir_is_untrusted(tmp_path
     open_to_all = tmp_path / "open"
     open_to_all.mkdir()
     open_to_all.chmod(0o777)
-    assert "writable by every user" in (untrusted_dir(str(open_to_all)) or "")
+    assert "writable by other users" in (untrusted_dir(str(open_to_all)) or "")
     assert untrusted_dir(str(tmp_path / "missing")) is None
     mine = tmp_path / "mine"
     mine.mkdir(mode=0o750)
@@ -47,7 +49,7 @@ def test_an_untrusted_socket_is_skipped_and_named(tmp_path: Path) -> None:
     (runtime / "colt-broker").mkdir(parents=True)
     (runtime / "colt-broker").chmod(0o777)
     env = {"XDG_RUNTIME_DIR": str(runtime), "COLT_BROKER_URL": "http://127.0.0.1:1"}
-    with pytest.raises(BrokerUnavailable, match=r"skipped: .* writable by every user"):
+    with pytest.raises(BrokerUnavailable, match=r"skipped: .* writable by other users"):
         call("GET", "/v1/token", environ=env, timeout=2)
 
 
@@ -72,3 +74,40 @@ def test_other_urls_are_refused(url: str) -> None:
     """The key travels in clear text, so COLT_BROKER_URL may not leave the machine."""
     with pytest.raises(WireError):
         Endpoint.from_url(url)
+
+
+_IMPOSTOR = """
+import os, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.bind(sys.argv[1])
+os.setuid(65534)  # listen() as another user: what SO_PEERCRED will report
+sock.listen(1)
+print("ready", flush=True)
+conn, _ = sock.accept()
+conn.recv(65536)
+conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\n\\r\\nFAKE\\n")
+conn.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as another user")
+def test_a_daemon_run_by_a_stranger_is_not_trusted(tmp_path: Path) -> None:
+    """Even in a trusted directory, a socket served by a user who is neither us, root, nor the
+    directory's owner is refused after connecting: the directory check alone is a race."""
+    runtime = tmp_path / "runtime"
+    directory = runtime / "colt-broker"
+    directory.mkdir(parents=True, mode=0o755)
+    impostor = subprocess.Popen(
+        [sys.executable, "-c", _IMPOSTOR, str(directory / "broker.sock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert impostor.stdout is not None
+        assert impostor.stdout.readline().strip() == "ready"
+        env = {"XDG_RUNTIME_DIR": str(runtime), "COLT_BROKER_URL": "http://127.0.0.1:1"}
+        with pytest.raises(BrokerUnavailable, match="served by uid 65534"):
+            call("GET", "/v1/token", environ=env, timeout=5)
+    finally:
+        impostor.kill()
+        impostor.wait(5)
