@@ -56,19 +56,33 @@ def open_listeners(config: Config, inherited: list[InheritedSocket]) -> list[Lis
     if inherited:
         return [_adopt(s) for s in inherited]
     b = config.broker
-    why = _paths.untrusted_dir(str(b.socket_path.parent))
+    found: list[Listener] = []
+    try:
+        if b.http_port:  # first: a taken port must not leave a socket file behind
+            sock = open_tcp_listener(b.http_host, b.http_port)
+            host, port = sock.getsockname()[:2]
+            found.append(Listener(sock, "tcp", f"{host}:{port}"))
+        unix = open_unix_listener(b.socket_path, mode=b.socket_mode, group=b.socket_group)
+        found.insert(0, Listener(unix, "unix", str(b.socket_path)))
+        _refuse_untrusted(b.socket_path.parent)
+    except BaseException:
+        for listener in found:
+            listener.sock.close()
+        if any(x.transport == "unix" for x in found):
+            remove_own_files(b.socket_path, b.socket_path.parent)
+        raise
+    return found
+
+
+def _refuse_untrusted(directory: Path) -> None:
+    """Checked after binding, on the directory really used: checking before would leave a
+    moment in which another user could plant one."""
+    why = _paths.untrusted_dir(str(directory))
     if why:
         raise ConfigError(
-            f"refusing to listen in {b.socket_path.parent}: {why}; set socket_path to a "
-            "directory only this user can write"
+            f"refusing to listen in {directory}: {why}; set socket_path to a directory only "
+            "this user can write"
         )
-    unix = open_unix_listener(b.socket_path, mode=b.socket_mode, group=b.socket_group)
-    found = [Listener(unix, "unix", str(b.socket_path))]
-    if b.http_port:
-        sock = open_tcp_listener(b.http_host, b.http_port)
-        host, port = sock.getsockname()[:2]
-        found.append(Listener(sock, "tcp", f"{host}:{port}"))
-    return found
 
 
 def _adopt(inherited: InheritedSocket) -> Listener:

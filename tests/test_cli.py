@@ -367,7 +367,8 @@ def test_serve_with_a_broken_config_exits_2_without_a_traceback(root: Path) -> N
 
 @pytest.mark.parametrize("mode", ["--demo", "--config"])
 def test_serve_with_its_port_taken_exits_2_without_a_traceback(root: Path, mode: str) -> None:
-    """Another process listens on http_port: serve exits 2 with one line naming the port."""
+    """Another process listens on http_port: serve exits 2 with one line naming the port, and
+    leaves no socket file behind."""
     path = write_config(root, profile_toml("http://127.0.0.1:9/t"))
     args = ["--demo"] if mode == "--demo" else ["--config", str(path)]
     with socket.socket() as taken:
@@ -379,6 +380,7 @@ def test_serve_with_its_port_taken_exits_2_without_a_traceback(root: Path, mode:
     assert "Traceback" not in result.stderr
     assert result.returncode == EXIT_USAGE
     assert f"port {port}" in result.stderr
+    assert not list(root.rglob("broker.sock")), "a socket file was left behind"
 
 
 def test_serve_demo_stops_cleanly_on_sigterm(root: Path) -> None:

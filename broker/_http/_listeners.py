@@ -91,10 +91,11 @@ def _make_parent(path: Path, gid: int | None, group: str) -> None:
     it). An existing one (e.g. systemd's RuntimeDirectory) is the operator's to set: only a
     group that locks ``gid`` out is reported."""
     parent = path.parent
-    if parent.exists():
+    try:
+        parent.mkdir(parents=True, mode=0o750)
+    except FileExistsError:  # the daemon checks who owns it once the socket is bound
         _check_group(parent, gid, group)
         return
-    parent.mkdir(parents=True, mode=0o750)
     try:
         if gid is not None:
             os.chown(parent, -1, gid)
