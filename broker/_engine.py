@@ -72,6 +72,7 @@ class _Profile:
     scope: anyio.CancelScope | None = None  # the profile's task, cancelled when it is removed
     alive_at: float = float("-inf")  # when its task last decided something (for the watchdog)
     fetch_started_at: float = float("-inf")
+    wanting: list[float] = field(default_factory=list)  # min_valid of each consumer waiting
     unsaved: Token | None = None  # the newest token not yet written to the state directory
     save_wanted: anyio.Event = field(default_factory=anyio.Event)
 
@@ -390,9 +391,15 @@ class Engine:
             token = p.machine.servable(now, floor)
             if token is not None:
                 return token
-            self._give_up_if_hopeless(p, floor, now, deadline)
-            p.poke()
-            await self._next_outcome(p, deadline - now)
+            p.wanting.append(floor)
+            try:
+                self._give_up_if_hopeless(p, floor, now, deadline)
+                p.poke()
+                await self._next_outcome(p, deadline - now)
+            finally:
+                p.wanting.remove(floor)
+                # A consumer that gave up no longer needs that much: keep only the others'.
+                p.machine.need = min(p.machine.need, max(p.wanting, default=0.0))
 
     @staticmethod
     def _next_try(p: _Profile, now: float) -> float:
@@ -424,14 +431,11 @@ class Engine:
                 cause=m.last_error,
                 client_error=True,
             )
-        need = m.need
         m.want(floor)
         next_try = self._next_try(p, now)
         if now >= deadline and m.in_flight:
-            m.need = need
             raise _still_in_flight(p, now)
         if now >= deadline or next_try > deadline:
-            m.need = need  # nobody is left waiting for it
             raise _unavailable(p, now, next_try)
 
 

@@ -377,3 +377,33 @@ async def test_a_reload_releases_consumers_waiting_on_the_old_profile() -> None:
                     await anyio.wait_all_tasks_blocked()
                     await engine.update({"default": replace(p, min_valid=0.6)})
             assert len(answers) == 1
+
+
+async def test_a_consumer_that_gave_up_leaves_no_need_behind() -> None:
+    """A consumer whose wait for a refresh ended without one (a sibling's 429 closed the
+    account meanwhile) leaves no need behind: no early refresh once the throttle passes."""
+    async with emulated(token_lifetime=30.0) as emu:
+        a, b = profile(emu, "a", "cid-a"), profile(emu, "b", "cid-b")
+        async with running(emu, [a, b], rng=lambda: 0.999) as engine:
+            token_a = await engine.get("a", min_valid=None, timeout=5)
+            token_b = await engine.get("b", min_valid=None, timeout=5)
+            # b's forced refresh fails: b backs off about a second, still serving its token.
+            emu.inject(Fault(status=503, body=b"{}"))
+            await engine.report_rejected("b", token_b.sha256, timeout=0.5)
+            count = emu.count()
+            await anyio.sleep(0.3)  # b's token now has less than 29.9 s left
+
+            async def impatient() -> None:
+                with pytest.raises(TokenUnavailable):
+                    await engine.get("b", min_valid=29.9, timeout=1.5)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(impatient)
+                await anyio.wait_all_tasks_blocked()
+                # Before b's retry, a's 429 closes the account for 3 s.
+                emu.inject(Fault(status=429, headers={"Retry-After": "3"}, body=b"{}"))
+                await engine.report_rejected("a", token_a.sha256, timeout=0.5)
+            assert emu.count() == count + 1  # a's request; b was held back
+            await anyio.sleep(2.5)  # the throttle passes; a leftover need would fetch for b
+            await anyio.wait_all_tasks_blocked()
+            assert emu.count() == count + 1, "a refresh was made for a consumer that had gone"
