@@ -111,17 +111,6 @@ def test_cached_calls_make_no_second_request_to_the_daemon(daemon: InProcessDaem
     assert daemon.served() == 1
 
 
-def test_a_cached_call_costs_about_a_microsecond(daemon: InProcessDaemon) -> None:
-    """The cache hit is a dict lookup and a clock read (goal <= 2 us; bound loose for CI)."""
-    get_token()
-    calls = 100_000
-    started = time.perf_counter()
-    for _ in range(calls):
-        get_token()
-    per_call = (time.perf_counter() - started) / calls
-    assert per_call < 10e-6, f"{per_call * 1e6:.2f} us per cached call"
-
-
 def test_threads_share_one_request(daemon: InProcessDaemon) -> None:
     """Eight threads missing the cache at once make one daemon request and get one token."""
     barrier = threading.Barrier(8)
