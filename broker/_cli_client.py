@@ -95,8 +95,11 @@ def _duration(seconds: object) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _ago(wall: object, now: float) -> str:
-    if not isinstance(wall, int | float):
+def _ago(iso: object, now: float) -> str:
+    from broker._status import from_iso  # `status` only: datetime stays off `token`'s path
+
+    wall = from_iso(iso)
+    if wall is None:
         return "never"
     return f"{_duration(max(now - wall, 1))} ago"
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TypeGuard, TypeVar, TypeVarTuple
 from urllib.parse import quote
 
 from broker._locate import call
-from broker._status import LastError, ProfileStatus
+from broker._status import WALL_TIMES, LastError, ProfileStatus, from_iso
 from broker._token import sha256_hex
 from broker._wire import Response
 from broker.exceptions import BrokerUnavailable, TokenUnavailable
@@ -114,10 +114,13 @@ def fetch_status() -> list[ProfileStatus]:
 def profile_status(doc: dict[str, Any]) -> ProfileStatus:
     """One entry of ``/v1/status`` as the engine's own ``ProfileStatus``."""
     values: dict[str, Any] = {f.name: doc.get(f.name) for f in fields(ProfileStatus)}
+    for name in WALL_TIMES:  # ISO 8601 on the wire, Unix times in the object
+        values[name] = from_iso(values[name])
     values["counters"] = dict(doc.get("counters") or {})
     error = doc.get("last_error")
     if isinstance(error, dict):
         known: dict[str, Any] = {f.name: error.get(f.name) for f in fields(LastError)}
+        known["at"] = from_iso(known["at"])
         known["detail"] = dict(error.get("detail") or {})
         values["last_error"] = LastError(**known)
     return ProfileStatus(**values)

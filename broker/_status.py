@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 from broker._token import Token
@@ -37,7 +38,36 @@ class ProfileStatus:
     counters: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The JSON document of ``/v1/status``: times of day as ISO 8601 UTC strings, like the
+        token document's ``expires_at``; durations as seconds."""
+        doc = asdict(self)
+        for name in WALL_TIMES:
+            doc[name] = iso_utc_or_none(doc[name])
+        if isinstance(doc["last_error"], dict):
+            doc["last_error"]["at"] = iso_utc_or_none(doc["last_error"]["at"])
+        return doc
+
+
+WALL_TIMES = ("expires_at", "last_refresh")  # ProfileStatus fields that are wall times
+
+
+def iso_utc(wall: float) -> str:
+    """A Unix time as ISO 8601 UTC to the second: ``2026-12-03T18:00:00Z``."""
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def iso_utc_or_none(wall: object) -> str | None:
+    return iso_utc(wall) if isinstance(wall, int | float) else None
+
+
+def from_iso(text: object) -> float | None:
+    """The Unix time of an ISO 8601 string (None for anything else)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
 
 
 class TokenSource(Protocol):

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from io import StringIO
 from pathlib import Path
 
@@ -355,6 +356,21 @@ async def test_status_shows_no_token_or_secret() -> None:
         for body in bodies:
             for secret in (token, SECRET, run.key):
                 assert secret not in body
+
+
+async def test_status_times_are_iso_like_the_token_documents() -> None:
+    """``/v1/status`` gives times of day as ISO 8601 UTC, the same ``expires_at`` as the
+    token document, and durations as seconds."""
+    async with running_daemon() as run:
+        await first_token(run)
+        async with run.unix() as client:
+            document = (await client.get("/v1/token")).json()
+            (profile,) = (await client.get("/v1/status")).json()["profiles"]
+        assert profile["expires_at"] == document["expires_at"]
+        assert profile["expires_at"].endswith("Z")
+        refreshed = datetime.fromisoformat(profile["last_refresh"])
+        assert abs(refreshed.timestamp() - time.time()) < 60
+        assert isinstance(profile["expires_in"], int | float)
 
 
 async def test_metrics_expose_expiry_and_count_the_upstream_request() -> None:

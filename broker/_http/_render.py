@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from email.utils import formatdate
 from http import HTTPStatus
 
 from broker._clock import Clock
 from broker._http._problem import Problem
+from broker._status import iso_utc
 from broker._token import Token
 
 # What the Connection header says: nothing (HTTP/1.1 keep-alive), close, or keep-alive
@@ -52,10 +52,6 @@ def wants_text(accept: bytes | None) -> bool:
         return False
     accept = accept.lower()
     return b"text/plain" in accept and b"application/json" not in accept
-
-
-def iso_utc(wall: float) -> str:
-    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class Renderer:
