@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
@@ -19,9 +18,19 @@ import httpx
 import structlog
 
 from broker._clock import SYSTEM_CLOCK, Clock
-from broker._lifecycle import Fetch, Lifecycle, Policy, decide
+from broker._engine_profile import (
+    LiveProfile,
+    carry_token,
+    gates_for,
+    policy_for,
+    replacing,
+    status_of,
+    still_in_flight,
+    unavailable,
+)
+from broker._lifecycle import Fetch, Lifecycle, decide
 from broker._profile import ProfileConfig
-from broker._status import LastError, ProfileStatus
+from broker._status import ProfileStatus
 from broker._throttle import AccountGate
 from broker._token import Token
 from broker._upstream import FetchResult, fetch_token
@@ -51,48 +60,6 @@ class _NullObserver:
     def observe_upstream(self, profile: str, seconds: float, status: int | None) -> None: ...
     def observe_throttled(self, account: str) -> None: ...
     def observe_coalesced(self, profile: str, waiters: int) -> None: ...
-
-
-@dataclass
-class _Profile:
-    """One profile's machine plus the events its task and its waiters meet on."""
-
-    config: ProfileConfig
-    machine: Lifecycle
-    gate: AccountGate
-    wake: anyio.Event = field(default_factory=anyio.Event)
-    outcome: anyio.Event = field(default_factory=anyio.Event)  # set after every fetch attempt
-    waiters: int = 0
-    counters: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(
-            ("upstream_requests", "refreshes", "failures", "throttled", "reports"), 0
-        )
-    )
-    last_refresh_wall: float | None = None
-    scope: anyio.CancelScope | None = None  # the profile's task, cancelled when it is removed
-    alive_at: float = float("-inf")  # when its task last decided something (for the watchdog)
-    fetch_started_at: float = float("-inf")
-    wanting: list[float] = field(default_factory=list)  # min_valid of each consumer waiting
-    unsaved: Token | None = None  # the newest token not yet written to the state directory
-    save_wanted: anyio.Event = field(default_factory=anyio.Event)
-
-    def poke(self) -> None:
-        """Wake the profile's task so it decides again."""
-        self.wake.set()
-
-    def publish(self) -> None:
-        """Release everyone waiting for the outcome of a fetch."""
-        self.outcome.set()
-        self.outcome = anyio.Event()
-
-
-def policy_for(config: ProfileConfig) -> Policy:
-    """The lifecycle policy a profile's settings ask for."""
-    return Policy(
-        min_valid=config.min_valid,
-        refresh_ahead=config.refresh_ahead,
-        refresh_jitter=config.refresh_jitter,
-    )
 
 
 class Engine:
@@ -150,7 +117,7 @@ class Engine:
         if p.machine.report_rejected(sha256, now):
             p.poke()
             log.info("token.reported_rejected", profile=profile, token=sha256[:12])
-        while _replacing(p, sha256) and now < deadline and self._next_try(p, now) <= deadline:
+        while replacing(p, sha256) and now < deadline and self._next_try(p, now) <= deadline:
             await self._next_outcome(p, deadline - now)
             now = self._clock.monotonic()
             p = self._profiles[profile]  # a reload may have replaced it (KeyError: removed)
@@ -158,7 +125,7 @@ class Engine:
 
     def status(self) -> list[ProfileStatus]:
         now, wall = self._clock.monotonic(), self._clock.wall()
-        return [_status_of(name, p, now, wall) for name, p in self._profiles.items()]
+        return [status_of(name, p, now, wall) for name, p in self._profiles.items()]
 
     # -- the daemon side ---------------------------------------------------------------------
 
@@ -182,7 +149,7 @@ class Engine:
         new = self._arrange(profiles, old)
         fresh = [(name, p) for name, p in new.items() if old.get(name) is not p]
         for name, p in fresh:
-            _carry_token(old.get(name), p, self._clock.monotonic(), self._rng())
+            carry_token(old.get(name), p, self._clock.monotonic(), self._rng())
         await self._restore(p for _, p in fresh if p.machine.token is None)
         self._profiles = new
         for name, p in old.items():
@@ -200,26 +167,28 @@ class Engine:
         )
 
     def _arrange(
-        self, profiles: Mapping[str, ProfileConfig], old: Mapping[str, _Profile]
-    ) -> dict[str, _Profile]:
+        self, profiles: Mapping[str, ProfileConfig], old: Mapping[str, LiveProfile]
+    ) -> dict[str, LiveProfile]:
         """Profiles for ``profiles``, reusing the unchanged ones of ``old`` and the gates."""
-        self._gates = _gates_for(profiles.values(), self._gates)
+        self._gates = gates_for(profiles.values(), self._gates)
         arranged = {}
         for name, cfg in profiles.items():
             kept = old.get(name)
             if kept is not None and kept.config == cfg:
                 arranged[name] = kept
             else:
-                arranged[name] = _Profile(cfg, Lifecycle(policy_for(cfg)), self._gates[cfg.account])
+                arranged[name] = LiveProfile(
+                    cfg, Lifecycle(policy_for(cfg)), self._gates[cfg.account]
+                )
         return arranged
 
-    def _start(self, p: _Profile) -> None:
+    def _start(self, p: LiveProfile) -> None:
         if self._tg is None:
             return  # run() starts every profile
         p.scope = anyio.CancelScope()
         self._tg.start_soon(self._drive_within, p, name=f"profile {p.config.name}")
 
-    async def _drive_within(self, p: _Profile) -> None:
+    async def _drive_within(self, p: LiveProfile) -> None:
         assert p.scope is not None  # set by _start
         with p.scope:
             async with anyio.create_task_group() as tg:
@@ -243,12 +212,12 @@ class Engine:
                 p.poke()
             await anyio.sleep(self._tick)
 
-    def _responsive(self, p: _Profile, now: float) -> bool:
+    def _responsive(self, p: LiveProfile, now: float) -> bool:
         if p.machine.in_flight:  # a fetch is bounded by its timeout
             return now - p.fetch_started_at < p.config.upstream_timeout + self._tick * 2
         return now - p.alive_at < self._tick * 2.5
 
-    async def _restore(self, profiles: Iterable[_Profile]) -> None:
+    async def _restore(self, profiles: Iterable[LiveProfile]) -> None:
         store = self._store
         if store is None:
             return
@@ -263,7 +232,7 @@ class Engine:
                     expires_in=round(token.remaining(self._clock.monotonic())),
                 )
 
-    async def _drive(self, p: _Profile) -> None:
+    async def _drive(self, p: LiveProfile) -> None:
         while True:
             now = self._clock.monotonic()
             p.alive_at = now
@@ -276,13 +245,13 @@ class Engine:
                 continue
             await self._sleep(p, action.until - now)
 
-    async def _sleep(self, p: _Profile, seconds: float) -> None:
+    async def _sleep(self, p: LiveProfile, seconds: float) -> None:
         with anyio.move_on_after(min(max(seconds, 0.0), self._tick)):
             await p.wake.wait()
         if p.wake.is_set():
             p.wake = anyio.Event()
 
-    async def _refresh(self, p: _Profile) -> None:
+    async def _refresh(self, p: LiveProfile) -> None:
         p.counters["upstream_requests"] += 1
         started = self._clock.monotonic()
         adopted: Token | None = None
@@ -306,7 +275,7 @@ class Engine:
             p.unsaved = adopted
             p.save_wanted.set()
 
-    async def _keep_saved(self, p: _Profile, store: TokenSink) -> None:
+    async def _keep_saved(self, p: LiveProfile, store: TokenSink) -> None:
         """Write each new token of one profile (the latest wins), and what is pending when
         shutting down, so that a restart finds it."""
         try:
@@ -317,13 +286,13 @@ class Engine:
         finally:
             await self._save(p, store)
 
-    async def _save(self, p: _Profile, store: TokenSink) -> None:
+    async def _save(self, p: LiveProfile, store: TokenSink) -> None:
         token, p.unsaved = p.unsaved, None
         if token is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(store.save, p.config, token)
 
-    def _on_token(self, p: _Profile, result: FetchResult) -> Token | None:
+    def _on_token(self, p: LiveProfile, result: FetchResult) -> Token | None:
         """Take a fetched token; returns it when it became the current one."""
         now, token = self._clock.monotonic(), result.token
         problem = p.machine.fetch_succeeded(token, now, self._rng())
@@ -353,7 +322,7 @@ class Engine:
         return token
 
     def _on_failure(
-        self, p: _Profile, error: UpstreamError, *, already_recorded: bool = False
+        self, p: LiveProfile, error: UpstreamError, *, already_recorded: bool = False
     ) -> None:
         """The one path every failed attempt takes: state, account gate, metrics, log."""
         now = self._clock.monotonic()
@@ -402,7 +371,7 @@ class Engine:
                 p.machine.need = min(p.machine.need, max(p.wanting, default=0.0))
 
     @staticmethod
-    def _next_try(p: _Profile, now: float) -> float:
+    def _next_try(p: LiveProfile, now: float) -> float:
         """When the next fetch outcome can come: now if one is in flight (NEVER if none is
         wanted)."""
         if p.machine.in_flight:
@@ -410,7 +379,7 @@ class Engine:
         discretionary = p.machine.discretionary(now)
         return max(p.machine.next_fetch_at(now), p.gate.earliest(now, discretionary=discretionary))
 
-    async def _next_outcome(self, p: _Profile, timeout: float) -> None:
+    async def _next_outcome(self, p: LiveProfile, timeout: float) -> None:
         """Wait for the next fetch attempt to end, at most ``timeout`` seconds."""
         event = p.outcome
         p.waiters += 1
@@ -420,7 +389,9 @@ class Engine:
         finally:
             p.waiters -= 1
 
-    def _give_up_if_hopeless(self, p: _Profile, floor: float, now: float, deadline: float) -> None:
+    def _give_up_if_hopeless(
+        self, p: LiveProfile, floor: float, now: float, deadline: float
+    ) -> None:
         """Raise unless the next fetch can end before ``deadline``; else note the need."""
         m, name = p.machine, p.config.name
         if m.cannot_satisfy(floor):
@@ -434,96 +405,6 @@ class Engine:
         m.want(floor)
         next_try = self._next_try(p, now)
         if now >= deadline and m.in_flight:
-            raise _still_in_flight(p, now)
+            raise still_in_flight(p, now)
         if now >= deadline or next_try > deadline:
-            raise _unavailable(p, now, next_try)
-
-
-def _replacing(p: _Profile, sha256: str) -> bool:
-    """The reported token is still current and a refresh to replace it is due or under way."""
-    token, m = p.machine.token, p.machine
-    return token is not None and token.sha256 == sha256 and (m.in_flight or m.forced)
-
-
-def _unavailable(p: _Profile, now: float, next_try: float) -> TokenUnavailable:
-    name, error = p.config.name, p.machine.last_error
-    held_back = p.gate.earliest(now) > max(p.machine.next_fetch_at(now), now)
-    if held_back and p.gate.throttled_until > now and p.gate.throttle_error is not None:
-        error = p.gate.throttle_error  # a sibling profile's 429 holds the whole account
-        why = f": account {p.gate.account!r} is throttled: {error}"
-    elif held_back:
-        why = f": account {p.gate.account!r} reached its own request cap (max_requests_per_*)"
-    else:
-        why = f": {error}" if error is not None else ""
-    retry = max(next_try - now, 0.0) if next_try < float("inf") else None
-    return TokenUnavailable(
-        f"profile {name!r} has no valid token{why}", profile=name, retry_after=retry, cause=error
-    )
-
-
-def _still_in_flight(p: _Profile, now: float) -> TokenUnavailable:
-    """A consumer gave up while a token request was still under way."""
-    timeout, started = p.config.upstream_timeout, p.fetch_started_at
-    return TokenUnavailable(
-        f"profile {p.config.name!r} has no valid token yet: a request to the token endpoint "
-        f"has been under way for {now - started:.1f} s (upstream_timeout is {timeout:g} s)",
-        profile=p.config.name,
-        retry_after=max(started + timeout - now, 0.0),
-        cause=p.machine.last_error,
-    )
-
-
-def _gates_for(
-    profiles: Iterable[ProfileConfig], existing: Mapping[str, AccountGate]
-) -> dict[str, AccountGate]:
-    """One gate per account, kept across reloads (its 429 and history stay); its caps are the
-    strictest any of its profiles asks for."""
-    gates: dict[str, AccountGate] = {}
-    for cfg in profiles:
-        gate = gates.get(cfg.account)
-        if gate is None:
-            gate = existing.get(cfg.account) or AccountGate(cfg.account, per_minute=1, per_day=1)
-            gate.per_minute, gate.per_day = cfg.max_requests_per_minute, cfg.max_requests_per_day
-            gates[cfg.account] = gate
-        else:
-            gate.per_minute = min(gate.per_minute, cfg.max_requests_per_minute)
-            gate.per_day = min(gate.per_day, cfg.max_requests_per_day)
-    return gates
-
-
-def _carry_token(old: _Profile | None, new: _Profile, now: float, u: float) -> None:
-    """A changed profile with the same credentials and endpoint keeps its valid token."""
-    if old is None or old.machine.token is None:
-        return
-    same = (old.config.client_id, old.config.token_url) == (
-        new.config.client_id,
-        new.config.token_url,
-    )
-    if same and old.machine.token.remaining(now) > 0:
-        new.machine.adopt(old.machine.token, now, u)
-
-
-def _status_of(name: str, p: _Profile, now: float, wall: float) -> ProfileStatus:
-    m, token = p.machine, p.machine.token
-    error = m.last_error
-    next_at = m.next_fetch_at(now)
-    waiting = max(next_at, p.gate.earliest(now)) if next_at < float("inf") else None
-    return ProfileStatus(
-        profile=name,
-        account=p.config.account,
-        state=m.state(now),
-        valid=m.servable(now) is not None,
-        token_fingerprint=token.fingerprint if token else None,
-        expires_in=round(token.remaining(now), 1) if token else None,
-        expires_at=token.wall_expires_at if token else None,
-        last_refresh=p.last_refresh_wall,
-        next_refresh_in=round(max(waiting - now, 0.0), 1) if waiting is not None else None,
-        retry_after=round(m.retry_at - now, 1) if m.retry_at > now else None,
-        last_error=_last_error(error, m.last_error_at, now, wall) if error else None,
-        counters=dict(p.counters),
-    )
-
-
-def _last_error(error: UpstreamError, at: float | None, now: float, wall: float) -> LastError:
-    when = wall - (now - at) if at is not None else wall
-    return LastError(kind=error.kind, summary=str(error), at=when, detail=error.detail.as_dict())
+            raise unavailable(p, now, next_try)
