@@ -12,12 +12,10 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,16 +31,6 @@ JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _KEPT = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
 Completed = subprocess.CompletedProcess[str]
-
-
-@contextmanager
-def short_tmpdir() -> Iterator[Path]:
-    """A fresh directory with a short path under /tmp, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="cb-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def free_tcp_port() -> int:

@@ -13,7 +13,6 @@ import concurrent.futures
 import json
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from _procs import reap
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -192,7 +192,7 @@ def demo_process() -> Iterator[DemoProcess]:
                 process, Path(tmp) / "colt-broker" / "broker.sock", api_url, Path(tmp)
             )
         finally:
-            _stop(process)
+            reap(process)
 
 
 def _log_events(process: subprocess.Popen[str]) -> queue.Queue[dict[str, Any]]:
@@ -228,13 +228,3 @@ def _wait_for_ready(events: queue.Queue[dict[str, Any]], process: subprocess.Pop
             return token_url.split("/authentication/", 1)[0]
         elif event.get("event") == "eof":
             raise AssertionError(f"serve --demo exited ({process.wait()}); log: {seen}")
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=START_TIMEOUT)

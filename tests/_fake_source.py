@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
+from _clocks import FakeClock
+
 from broker._profile import ProfileConfig, Secret
 from broker._status import ProfileStatus
 from broker._token import Token
@@ -11,24 +13,6 @@ from broker.exceptions import TokenUnavailable
 
 GetHook = Callable[[str, float | None, float], Awaitable[Token]]
 ReportHook = Callable[[str, str, float], Awaitable[Token]]
-
-
-class FakeClock:
-    """Monotonic and wall time that move only when told."""
-
-    def __init__(self, mono: float = 1000.0, wall: float = 1_800_000_000.0) -> None:
-        self.mono = mono
-        self.wall_time = wall
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def wall(self) -> float:
-        return self.wall_time
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-        self.wall_time += seconds
 
 
 def profile_config(
@@ -68,7 +52,7 @@ class FakeSource:
     def issue(self, profile: str, access_token: str, lifetime: float = 1800.0) -> Token:
         """Make ``access_token`` the profile's current token, valid for ``lifetime`` seconds."""
         c = self.clock
-        token = Token(access_token, "Bearer", c.mono, c.mono + lifetime, c.wall_time + lifetime)
+        token = Token(access_token, "Bearer", c.mono, c.mono + lifetime, c.now + lifetime)
         self.tokens[profile] = token
         return token
 

@@ -7,22 +7,22 @@ half-sent requests) and see exactly what the server wrote.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-from _fake_source import FakeClock, FakeSource, profile_config
+from _clocks import FakeClock
+from _fake_source import FakeSource, profile_config
 from anyio.abc import ByteStream
 
 from broker._http import HttpService, Limits, open_tcp_listener, open_unix_listener
 from broker._metrics import Metrics
 from broker._profile import ProfileConfig
+from broker._token import Token
 
 KEY = "test-key-0123456789"
 READ_TIMEOUT = 5.0
@@ -46,16 +46,6 @@ async def wait_until(what: str, condition: Callable[[], bool], timeout: float = 
                 await anyio.lowlevel.checkpoint()
     except TimeoutError:
         raise AssertionError(f"not within {timeout} s: {what}") from None
-
-
-@contextmanager
-def short_tmpdir() -> Iterator[Path]:
-    """A directory with a short path: Unix socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="cb-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -161,6 +151,18 @@ class Harness:
         stream = await anyio.connect_tcp("127.0.0.1", self.port)
         async with stream:
             yield Client(stream, f"127.0.0.1:{self.port}", [("X-Colt-Broker", key)])
+
+    def hold_refreshes(self) -> anyio.Event:
+        """Make every wait for a refresh block until the returned event is set; then it gets
+        a new token, ``token-<profile>-2``."""
+        release = anyio.Event()
+
+        async def refreshed(profile: str, min_valid: float | None, timeout: float) -> Token:
+            await release.wait()
+            return self.source.issue(profile, f"token-{profile}-2")
+
+        self.source.on_get = refreshed
+        return release
 
 
 def default_profiles() -> dict[str, ProfileConfig]:

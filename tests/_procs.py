@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -157,10 +159,11 @@ def running(argv: Sequence[str], env: Mapping[str, str]) -> Iterator[Proc]:
     try:
         yield Proc(popen)
     finally:
-        _reap(popen)
+        reap(popen)
 
 
-def _reap(popen: subprocess.Popen[str]) -> None:
+def reap(popen: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within WAIT seconds."""
     if popen.poll() is None:
         popen.send_signal(signal.SIGTERM)
         try:
@@ -168,6 +171,17 @@ def _reap(popen: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             popen.kill()
             popen.wait(timeout=WAIT)
+
+
+@contextmanager
+def short_tmpdir() -> Iterator[Path]:
+    """A fresh directory with a short path under /tmp (Unix socket paths are limited to 107
+    bytes), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="cb-", dir="/tmp"))  # short on purpose
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- a NOTIFY_SOCKET of our own ---------------------------------------------------------

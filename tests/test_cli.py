@@ -30,10 +30,10 @@ from _cli_helpers import (
     log_event,
     run_cli,
     serve_demo,
-    short_tmpdir,
     standalone_emulator,
     write_secret,
 )
+from _procs import short_tmpdir
 
 from broker import _cli_client
 from broker._config import SYSTEM_CONFIG_FILE

@@ -25,7 +25,8 @@ import anyio
 import httpx
 import pytest
 import structlog
-from _cli_helpers import free_tcp_port, short_tmpdir, write_secret
+from _cli_helpers import free_tcp_port, write_secret
+from _procs import short_tmpdir
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker._config import Config, load_config

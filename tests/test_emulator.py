@@ -15,6 +15,7 @@ import anyio
 import httpx
 import jwt
 import pytest
+from _clocks import FakeClock
 
 from broker.emulator import (
     MISSING,
@@ -61,24 +62,6 @@ TABLE: dict[str, tuple[int, str, str, str]] = {
         "The format of the posted body is not supported by the endpoint.",
     ),
 }
-
-
-@dataclass
-class FakeClock:
-    """Both clocks, moved only by the test."""
-
-    mono: float = 1_000.0
-    now: float = 1_700_000_000.0
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def wall(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-        self.now += seconds
 
 
 def basic(client_id: str, secret: str) -> str:

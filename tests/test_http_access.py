@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _fake_source import FakeClock, FakeSource, profile_config
-from _http_harness import KEY, Harness, curl, running, short_tmpdir
+from _clocks import FakeClock
+from _fake_source import FakeSource, profile_config
+from _http_harness import KEY, Harness, curl, running
+from _procs import short_tmpdir
 from structlog.testing import capture_logs
 
 from broker._http import HttpService, write_key_files

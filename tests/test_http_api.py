@@ -8,7 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 from _fake_source import profile_config
-from _http_harness import Harness, running, short_tmpdir
+from _http_harness import Harness, running
+from _procs import short_tmpdir
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker._token import Token
@@ -195,13 +196,7 @@ async def test_min_valid_already_satisfied_does_not_wait(h: Harness) -> None:
 
 async def test_min_valid_waits_for_a_refresh_without_blocking_others(h: Harness) -> None:
     """A request needing a refresh waits for it, while other connections are served at once."""
-    release = anyio.Event()
-
-    async def refreshed(profile: str, min_valid: float | None, timeout: float) -> Token:
-        await release.wait()
-        return h.source.issue(profile, "token-default-2")
-
-    h.source.on_get = refreshed
+    release = h.hold_refreshes()
     async with h.unix() as waiting, h.unix() as other:
         await waiting.send(waiting.build("GET", "/v1/token?min_valid=1800.5"))
         with anyio.fail_after(2, shield=False):

@@ -10,8 +10,10 @@ from pathlib import Path
 import anyio
 import pytest
 import structlog
-from _fake_source import FakeClock, FakeSource, profile_config
-from _http_harness import KEY, Client, Harness, default_profiles, running, short_tmpdir
+from _clocks import FakeClock
+from _fake_source import FakeSource, profile_config
+from _http_harness import KEY, Client, Harness, default_profiles, running
+from _procs import short_tmpdir
 
 from broker._http import Limits
 from broker._http._access import PeerCred, TcpGate
@@ -20,7 +22,6 @@ from broker._http._render import CONN_DEFAULT, CONN_KEEP_ALIVE, Renderer, TokenR
 from broker._http._request import ConnInfo, Transport
 from broker._logging import configure_logging
 from broker._metrics import Metrics
-from broker._token import Token
 
 pytestmark = pytest.mark.anyio
 
@@ -249,13 +250,7 @@ async def test_new_token_replaces_the_replayed_answer(h: Harness) -> None:
 
 async def test_pipelined_hot_slow_hot_answered_in_order(h: Harness) -> None:
     """Hot, waiting, hot requests in one write are answered in request order."""
-    release = anyio.Event()
-
-    async def refreshed(profile: str, min_valid: float | None, timeout: float) -> Token:
-        await release.wait()
-        return h.source.issue(profile, "token-default-2")
-
-    h.source.on_get = refreshed
+    release = h.hold_refreshes()
     async with h.unix() as c:
         await _warm(c)
         hot = c.build("GET", "/v1/token/other")
@@ -271,13 +266,7 @@ async def test_pipelined_hot_slow_hot_answered_in_order(h: Harness) -> None:
 
 async def test_repeated_request_waits_behind_a_pending_one(h: Harness) -> None:
     """The same bytes again, sent while a waiting request is pending, are answered after it."""
-    release = anyio.Event()
-
-    async def refreshed(profile: str, min_valid: float | None, timeout: float) -> Token:
-        await release.wait()
-        return h.source.issue(profile, "token-default-2")
-
-    h.source.on_get = refreshed
+    release = h.hold_refreshes()
     async with h.unix() as c:
         await _warm(c, "/v1/token/other")
         await c.send(c.build("GET", "/v1/token?min_valid=1801"))

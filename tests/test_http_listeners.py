@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _fake_source import FakeClock, FakeSource
-from _http_harness import short_tmpdir
+from _clocks import FakeClock
+from _fake_source import FakeSource
+from _procs import short_tmpdir
 from structlog.testing import capture_logs
 
 from broker._http import (

@@ -9,15 +9,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _fake_source import FakeClock, FakeSource
-from _http_harness import (
-    Client,
-    Harness,
-    default_profiles,
-    running,
-    short_tmpdir,
-    wait_until,
-)
+from _clocks import FakeClock
+from _fake_source import FakeSource
+from _http_harness import Client, Harness, default_profiles, running, wait_until
+from _procs import short_tmpdir
 from anyio.abc import TaskStatus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -76,13 +71,7 @@ async def test_pipelined_requests_answered_in_order(h: Harness) -> None:
 
 async def test_pipelining_keeps_order_behind_a_waiting_request(h: Harness) -> None:
     """A quick answer queued behind a waiting one is not sent before it."""
-    release = anyio.Event()
-
-    async def refreshed(profile: str, min_valid: float | None, timeout: float) -> Token:
-        await release.wait()
-        return h.source.issue(profile, "token-default-2")
-
-    h.source.on_get = refreshed
+    release = h.hold_refreshes()
     async with h.unix() as c:
         await c.send(c.build("GET", "/v1/token?min_valid=1801") + c.build("GET", "/v1/token/other"))
         await anyio.wait_all_tasks_blocked()

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from _http_harness import Harness, curl, running, short_tmpdir
+from _http_harness import Harness, curl, running
+from _procs import short_tmpdir
 from structlog.testing import capture_logs
 
 from broker._token import Token

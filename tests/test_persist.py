@@ -8,11 +8,12 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _clocks import FakeClock
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
@@ -28,24 +29,6 @@ TOKEN = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJkZW1vIn0."
     "c2lnbmF0dXJlLW5vdC1yZWFsLWp1c3QtZm9yLXRlc3Rz"
 )
-
-
-@dataclass
-class FakeClock:
-    """Both clocks under the test's control; a restart resets the monotonic one."""
-
-    mono: float = 100.0
-    now: float = START_WALL
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def wall(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.mono += seconds
-        self.now += seconds
 
 
 PROFILE = ProfileConfig(
@@ -69,7 +52,7 @@ def make_token(clock: FakeClock, access_token: str = TOKEN) -> Token:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(mono=100.0, now=START_WALL)
 
 
 @pytest.fixture
