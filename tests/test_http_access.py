@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,6 @@ import pytest
 from _clocks import FakeClock
 from _fake_source import FakeSource, profile_config
 from _http_harness import KEY, Harness, curl, running
-from _procs import short_tmpdir
 from structlog.testing import capture_logs
 
 from broker._http import HttpService, write_key_files
@@ -20,12 +19,6 @@ from broker._token import fingerprint
 from broker.exceptions import ConfigError
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with short_tmpdir() as path:
-        yield path
 
 
 @pytest.fixture

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 from _fake_source import profile_config
 from _http_harness import Harness, running
-from _procs import short_tmpdir
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker._token import Token
@@ -21,18 +19,6 @@ from broker.exceptions import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with short_tmpdir() as path:
-        yield path
-
-
-@pytest.fixture
-async def h(sockdir: Path) -> AsyncIterator[Harness]:
-    async with running(sockdir) as harness:
-        yield harness
 
 
 # --- GET /v1/token ---------------------------------------------------------------------------

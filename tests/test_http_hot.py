@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import anyio
@@ -13,7 +13,6 @@ import structlog
 from _clocks import FakeClock
 from _fake_source import FakeSource, profile_config
 from _http_harness import KEY, Client, Harness, default_profiles, running
-from _procs import short_tmpdir
 
 from broker._http import Limits
 from broker._http._access import PeerCred, TcpGate
@@ -36,18 +35,6 @@ def info_logging() -> Iterator[None]:
     configure_logging("json", "info", stream=io.StringIO())
     yield
     structlog.reset_defaults()
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with short_tmpdir() as path:
-        yield path
-
-
-@pytest.fixture
-async def h(sockdir: Path) -> AsyncIterator[Harness]:
-    async with running(sockdir) as harness:
-        yield harness
 
 
 # --- the lane on its own: no sockets ---------------------------------------------------------

@@ -7,13 +7,11 @@ import os
 import resource
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from _clocks import FakeClock
 from _fake_source import FakeSource
-from _procs import short_tmpdir
 from structlog.testing import capture_logs
 
 from broker._http import (
@@ -30,12 +28,6 @@ from broker._http._request import RESERVED_FDS
 from broker._metrics import Metrics
 from broker._paths import CURL_HEADERS_FILE, KEY_FILE
 from broker.exceptions import ConfigError
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with short_tmpdir() as path:
-        yield path
 
 
 def _mode(path: Path) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 from _clocks import FakeClock
 from _fake_source import FakeSource
 from _http_harness import Client, Harness, default_profiles, running, wait_until
-from _procs import short_tmpdir
 from anyio.abc import TaskStatus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,18 +22,6 @@ from broker._metrics import NO_PROFILE, Metrics
 from broker._token import Token
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with short_tmpdir() as path:
-        yield path
-
-
-@pytest.fixture
-async def h(sockdir: Path) -> AsyncIterator[Harness]:
-    async with running(sockdir) as harness:
-        yield harness
 
 
 def _statuses(raw: bytes) -> list[int]:

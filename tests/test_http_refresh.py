@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
-from _http_harness import Harness, curl, running
-from _procs import short_tmpdir
+from _http_harness import Harness, curl
 from structlog.testing import capture_logs
 
 from broker._token import Token
 from broker.exceptions import TokenUnavailable
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    with short_tmpdir() as path:
-        yield path
-
-
-@pytest.fixture
-async def h(sockdir: Path) -> AsyncIterator[Harness]:
-    async with running(sockdir) as harness:
-        yield harness
 
 
 @pytest.mark.parametrize("form", ["access_token", "sha256"])
